@@ -22,7 +22,7 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out_size, in_size] matrix of `interpolate(mode="bilinear", align_corners=False)`.
 
@@ -53,7 +53,7 @@ def _cubic_weights(t: float, a: float = -0.75) -> tuple[float, float, float, flo
     return far(t + 1), near(t), near(1 - t), far(2 - t)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> np.ndarray:
     """[out_size, in_size] matrix of `interpolate(mode="bicubic", align_corners=False)`.
 
@@ -67,7 +67,7 @@ def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> n
     for o in range(out_size):
         x = (o + 0.5) * scale - 0.5
         i0 = int(np.floor(x))
-        for k, w in zip(range(-1, 3), _cubic_weights(x - i0)):
+        for k, w in zip(range(-1, 3), _cubic_weights(x - i0), strict=True):
             a[o, min(max(i0 + k, 0), in_size - 1)] += w
     return a.astype(np.float32)
 
@@ -93,7 +93,7 @@ def sampling_matrix(coords: jax.Array, in_size: int) -> jax.Array:
     return lo + hi
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_aa_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out_size, in_size] matrix of `interpolate(mode="bicubic", antialias=True)`.
 

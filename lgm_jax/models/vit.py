@@ -128,9 +128,15 @@ class Attention(nn.Module):
             qkv = qkv.reshape(b, n, 3, cfg.heads, hd)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            bias = {"query": cfg.qkv_bias, "key": cfg.qkv_bias and cfg.k_bias, "value": cfg.qkv_bias}
+            bias = {
+                "query": cfg.qkv_bias,
+                "key": cfg.qkv_bias and cfg.k_bias,
+                "value": cfg.qkv_bias,
+            }
             q, k, v = (
-                nn.Dense(d, use_bias=bias[name], dtype=dt, name=name)(x).reshape(b, n, cfg.heads, hd)
+                nn.Dense(d, use_bias=bias[name], dtype=dt, name=name)(x).reshape(
+                    b, n, cfg.heads, hd
+                )
                 for name in ("query", "key", "value")
             )
         if rope is not None:
@@ -140,7 +146,9 @@ class Attention(nn.Module):
             k = (k * cos + _rotate_pairs(k) * sin).astype(dt)
         impl = None if cfg.attention == "xla" else cfg.attention
         lengths = None if num_valid is None else jnp.full((b,), num_valid, jnp.int32)
-        o = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
+        o = jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, implementation=impl
+        )
         return nn.Dense(d, dtype=dt, name="out")(o.reshape(b, n, d))
 
 
@@ -269,8 +277,15 @@ class ViT(nn.Module):
         if h != w or h % p:
             raise ValueError(f"images must be square multiples of {p} px, got {h}x{w}")
         g = h // p
-        x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
-                    dtype=dt, name="patch_embed")(images.astype(dt)).reshape(b, g * g, cfg.width)
+        x = nn.Conv(
+            cfg.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=dt,
+            name="patch_embed",
+        )(images.astype(dt)).reshape(b, g * g, cfg.width)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.width)), x], axis=1)
         if cfg.pos_embed == "learned":
@@ -285,8 +300,9 @@ class ViT(nn.Module):
         elif cfg.pos_embed != "none":
             raise ValueError(f"unknown position embedding {cfg.pos_embed!r}")
         if cfg.reg_tokens:  # registers go after CLS and carry no position embedding
-            reg = self.param("reg_tokens", nn.initializers.normal(0.02),
-                             (1, cfg.reg_tokens, cfg.width))
+            reg = self.param(
+                "reg_tokens", nn.initializers.normal(0.02), (1, cfg.reg_tokens, cfg.width)
+            )
             reg = jnp.broadcast_to(reg.astype(dt), (b, cfg.reg_tokens, cfg.width))
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
         if cfg.pre_norm:
