@@ -6,7 +6,8 @@ a list of PyTorch keys that inference never reads (e.g. DINOv2's mask token). A 
 the Flax leaf name: a 2-D `kernel` is a transposed Linear weight, a 4-D `kernel`
 a Conv2d weight [O, I, kh, kw] -> [kh, kw, I, O]; everything else is copied, and may gain
 or lose dimensions of size one (CLIP's class_embedding [D] is the model's cls_token [1, 1, D]).
-No torch here: state dicts arrive as NumPy arrays (safetensors, or converted by tools/convert_weights.py).
+No torch here: state dicts arrive as NumPy arrays (safetensors, or converted by
+tools/convert_weights.py).
 """
 
 from __future__ import annotations
