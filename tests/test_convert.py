@@ -54,8 +54,9 @@ def test_mocov3_other_resolution_rebuilds_sincos():
     """MoCo-v3's table is a function of the grid: at 48 px it equals the model built for 48 px."""
     _, small = tm.plain("mocov3", 32)
     _, large = tm.plain("mocov3", 48)
-    large.load_state_dict({k: v for k, v in small.state_dict().items() if k != "pos_embed"},
-                          strict=False)
+    large.load_state_dict(
+        {k: v for k, v in small.state_dict().items() if k != "pos_embed"}, strict=False
+    )
     backbone, params = cw.convert_module("mocov3", small)
     _, rel = cw.compare("mocov3", large, backbone, params, 48)
     assert rel < 1e-4
@@ -66,8 +67,7 @@ def test_mocov3_original_checkpoint_keys(tmp_path):
     family, model = tm.plain("mocov3", 32)
     path = tmp_path / "vit-tiny.pth.tar"
     state = tm.mocov3_original_state(model)
-    torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(v) for k, v in state.items()}},
-               path)
+    torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
     loaded = cw.read_checkpoint(str(path))
     assert set(loaded) == set(state)
     backbone, params = cw.convert_module(family, model, state=loaded)
@@ -86,8 +86,17 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     _, model = tm.dinov2(56)
     src, out = tmp_path / "src", tmp_path / "out"
     model.save_pretrained(src)
-    argv = ["--source", str(src), "--out", str(out), "--image-size", "28", "--verify",
-            "--verify-size", "42"]
+    argv = [
+        "--source",
+        str(src),
+        "--out",
+        str(out),
+        "--image-size",
+        "28",
+        "--verify",
+        "--verify-size",
+        "42",
+    ]
     assert cw.main(argv) == 0
     text = capsys.readouterr().out
     assert "verify at 28 px" in text and "verify at 42 px" in text
