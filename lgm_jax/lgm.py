@@ -107,7 +107,7 @@ def probe_grad(w, b, feats, labels, num_total: int | None = None) -> jax.Array:
     one shard of it, so that the shards' results sum to the full gradient.
     """
     n = feats.shape[0] if num_total is None else num_total
-    feats = feats.astype(jnp.float32)
+    feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
     logits = jnp.dot(feats, w.T, precision="highest") + b
     e = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, w.shape[0])) / n
     gw = jnp.dot(e.T, feats, precision="highest")
@@ -181,8 +181,17 @@ def draws(rng, feat_dim: int, cfg: StepConfig):
     )
 
 
-def train_step(state: State, params, real_images, real_labels, *, features: FeatureFn,
-               feat_dim: int, tx, cfg: StepConfig):
+def train_step(
+    state: State,
+    params,
+    real_images,
+    real_labels,
+    *,
+    features: FeatureFn,
+    feat_dim: int,
+    tx,
+    cfg: StepConfig,
+):
     """One LGM update. real_images [R, H, H, 3] (uint8 or float in [0, 1]), real_labels [R].
 
     Returns the new state and metrics {"loss", "grad_norm"}. A non-finite loss leaves the

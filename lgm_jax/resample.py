@@ -22,7 +22,7 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out_size, in_size] matrix of `interpolate(mode="bilinear", align_corners=False)`.
 
@@ -53,7 +53,7 @@ def _cubic_weights(t: float, a: float = -0.75) -> tuple[float, float, float, flo
     return far(t + 1), near(t), near(1 - t), far(2 - t)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> np.ndarray:
     """[out_size, in_size] matrix of `interpolate(mode="bicubic", align_corners=False)`.
 

@@ -25,8 +25,10 @@ RULES = [
     (r"embeddings\.position_embeddings", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", "patch_embed/\\1"),
     (r"encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)", "blocks_\\1/norm\\2/\\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)",
-     "blocks_\\1/attn/\\2/\\3"),
+    (
+        r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)",
+        "blocks_\\1/attn/\\2/\\3",
+    ),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", "blocks_\\1/attn/out/\\2"),
     (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", "blocks_\\1/ls\\2/scale"),
     (r"encoder\.layer\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", "blocks_\\1/mlp/\\2/\\3"),
@@ -40,8 +42,16 @@ def variant(name: str = "B/14", **kw) -> ViTConfig:
     if name not in VARIANTS:
         raise ValueError(f"unknown DINOv2 variant {name!r}; choose from {sorted(VARIANTS)}")
     width, depth, heads = VARIANTS[name]
-    base = dict(patch_size=14, width=width, depth=depth, heads=heads, mlp_dim=4 * width,
-                layer_scale=True, norm_eps=1e-6, pos_grid=37)
+    base = dict(
+        patch_size=14,
+        width=width,
+        depth=depth,
+        heads=heads,
+        mlp_dim=4 * width,
+        layer_scale=True,
+        norm_eps=1e-6,
+        pos_grid=37,
+    )
     base.update(kw)
     return ViTConfig(**base)
 
@@ -50,7 +60,8 @@ def config_from_hf(hf: dict, **kw) -> ViTConfig:
     """ViTConfig from a transformers DINOv2 config.json dict."""
     if hf.get("model_type") != "dinov2":
         raise weights.CheckpointMismatch(
-            f"expected a transformers DINOv2 config (model_type 'dinov2'), got {hf.get('model_type')!r}"
+            "expected a transformers DINOv2 config (model_type 'dinov2'), "
+            f"got {hf.get('model_type')!r}"
         )
     if hf.get("use_swiglu_ffn"):
         raise NotImplementedError("DINOv2 with a SwiGLU MLP (ViT-g) is not supported")

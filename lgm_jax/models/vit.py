@@ -12,7 +12,8 @@ Parameter tree (flax.linen names):
     pre_norm, blocks_{i}/{norm1, attn/{query, key, value, out}, ls1/scale, norm2,
     mlp/{fc1, fc2}, ls2/scale}, norm, proj/kernel.
 
-Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32.
+Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32
+(float64 when dtype is "float64", which the finite-difference tests use under jax_enable_x64).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls": final-normed CLS token
     image_size: int = 224
     # Compute options (not part of the checkpoint):
-    dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls
+    dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
 
@@ -68,7 +69,7 @@ class ViTConfig:
 
 
 def _dtype(cfg: ViTConfig):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}[cfg.dtype]
 
 
 class Attention(nn.Module):
@@ -80,9 +81,16 @@ class Attention(nn.Module):
         b, n, d = x.shape
         hd = d // cfg.heads
         dense = lambda name: nn.Dense(d, use_bias=cfg.qkv_bias, dtype=dt, name=name)
-        q, k, v = (dense(name)(x).reshape(b, n, cfg.heads, hd) for name in ("query", "key", "value"))
-        impl = None if cfg.attention == "xla" else cfg.attention
-        o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        q, k, v = (
+            dense(name)(x).reshape(b, n, cfg.heads, hd) for name in ("query", "key", "value")
+        )
+        if cfg.attention == "xla":
+            # Softmax in at least float32 (bf16 logits lose too much), at full width otherwise.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+            probs = jax.nn.softmax(logits.astype(jnp.promote_types(dt, jnp.float32)), axis=-1)
+            o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
         return nn.Dense(d, dtype=dt, name="out")(o.reshape(b, n, d))
 
 
@@ -155,9 +163,9 @@ class ViT(nn.Module):
         if h != w or h % p:
             raise ValueError(f"images must be square multiples of {p} px, got {h}x{w}")
         g = h // p
-        x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dt, name="patch_embed")(
-            images.astype(dt)
-        ).reshape(b, g * g, cfg.width)
+        x = nn.Conv(
+            cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dt, name="patch_embed"
+        )(images.astype(dt)).reshape(b, g * g, cfg.width)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.width)), x], axis=1)
         if cfg.pos_embed == "learned":
@@ -176,7 +184,7 @@ class ViT(nn.Module):
             feat = x[:, 0]
         else:
             raise ValueError(f"unknown pooling {cfg.pool!r}")
-        return feat.astype(jnp.float32)
+        return feat.astype(jnp.promote_types(dt, jnp.float32))
 
 
 def param_shapes(cfg: ViTConfig) -> Any:
