@@ -371,6 +371,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--split", default="train")
     p.add_argument("--res", type=int, default=256, help="crop size before augmentation")
+    p.add_argument("--out_res", type=int, default=224, help="backbone input size")
     p.add_argument("--shard_size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
@@ -380,7 +381,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     features, params, name = load_backbone(a.backbone)
-    aug = augment.AugmentConfig(mode="train", noise_mean=a.noise_mean, noise_std=a.noise_std)
+    aug = augment.AugmentConfig(
+        mode="train", out_res=a.out_res, noise_mean=a.noise_mean, noise_std=a.noise_std
+    )
     meta = build(
         a.out,
         sources.get_dataset(a.dataset, a.data_dir),
