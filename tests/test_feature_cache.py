@@ -154,3 +154,14 @@ def test_command_line(tmp_path, monkeypatch):
     fc.main([*argv, "--res", str(RES), "--out_res", str(OUT_RES), "--shard_size", "8"])
     cache = fc.FeatureCache.open(out, expect=dict(dataset="toy10", backbone="b", views=2))
     assert cache.load_all()[0].shape == (2, 10, 32)
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "lgm_step")
+
+
+@pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="needs ../shared/golden")
+def test_load_dinov2_backbone_spec():
+    features, params, name = fc.load_backbone(f"dinov2:{GOLDEN}/backbone")
+    assert name == "dinov2:backbone"
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32)
+    assert jax.eval_shape(features, params, x).shape == (2, 64)

@@ -106,6 +106,14 @@ class TrainBatches:
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # picklable for grain's worker processes (num_workers > 0)
+        state = dict(self.__dict__)
+        del state["_lock"], state["_perms"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _perms={}, _lock=threading.Lock())
+
     def permutation(self, epoch: int) -> np.ndarray:
         with self._lock:
             if epoch not in self._perms:
@@ -172,6 +180,10 @@ def train_iterator(
     mds = mds.map_with_index(lambda k, _: batches(k))
     ids = mds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library caller
+            flags.FLAGS.mark_as_parsed()  # (no absl.app.run) has not parsed them
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ids)
 
