@@ -86,7 +86,7 @@ def _save(path: str, array: np.ndarray) -> None:
 
 
 def _read_resized(source, i, res):
-    ex = pipeline._read(source, i)
+    ex = pipeline.read_or_skip(source, i)
     if ex is None:
         return None, -1
     return pipeline.resize_shorter(ex["image"], res), ex["label"]

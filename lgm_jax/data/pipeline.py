@@ -38,7 +38,7 @@ def skipped_images() -> int:
         return len(_bad)
 
 
-def _read(source, i: int) -> dict | None:
+def read_or_skip(source, i: int) -> dict | None:
     """source[i], or None (counted, logged once) if the image is corrupt."""
     key = (id(source), int(i))
     if key in _bad:
@@ -132,12 +132,12 @@ class TrainBatches:
         rng = np.random.default_rng([self.seed, self.process_index, 1 << 30, int(k)])
         images, labels, index = [], [], []
         for i in order[j * b : (j + 1) * b]:
-            ex = _read(self.source, i)
+            ex = read_or_skip(self.source, i)
             while ex is None:
                 i = next(spare, None)
                 if i is None:
                     raise RuntimeError("every image of this process's shard is corrupt")
-                ex = _read(self.source, i)
+                ex = read_or_skip(self.source, i)
             images.append(random_crop(resize_shorter(ex["image"], self.res), self.res, rng))
             labels.append(ex["label"])
             index.append(i)
@@ -201,7 +201,7 @@ class EvalBatches:
         labels = np.zeros((b,), np.int32)
         mask = np.zeros((b,), bool)
         for row, i in enumerate(self.indices[k * b : (k + 1) * b]):
-            ex = _read(self.source, i)
+            ex = read_or_skip(self.source, i)
             if ex is not None:
                 images[row] = center_crop(resize_shorter(ex["image"], self.resize), res)
                 labels[row], mask[row] = ex["label"], True
