@@ -129,11 +129,11 @@ def load_distilled(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     return images, labels, meta
 
 
-def load_sets(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_sets(paths: Sequence[str], res: int = SYN_RES) -> tuple[np.ndarray, np.ndarray, dict]:
     """One set, or several with equal shapes stacked on a leading seed axis."""
     sets = [load_distilled(p) for p in paths]
     for images, _, meta in sets:
-        check_images(images, what=f"images in {meta['path']}")
+        check_images(images, res, what=f"images in {meta['path']}")
     if len(sets) == 1:
         return sets[0]
     shapes = {s[0].shape for s in sets}
@@ -279,12 +279,13 @@ def evaluate(
     seed: int = 0,
     test_batch: int = 256,
     method: str | None = None,
+    image_res: int = SYN_RES,
 ) -> dict:
     """Load, check, train, test and write eval.json; returns the result."""
     from lgm_jax import data
 
     distilled = [distilled] if isinstance(distilled, str) else list(distilled)
-    images, labels, meta = load_sets(distilled)
+    images, labels, meta = load_sets(distilled, image_res)
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise InputError(f"{meta['path']} does not record its dataset; pass --dataset NAME")
@@ -414,6 +415,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("exact", "fast"), default="exact")
     p.add_argument("--views", type=int, default=100, help="augmented views per image (fast mode)")
     p.add_argument("--test-batch", type=int, default=256)
+    p.add_argument("--image-res", type=int, default=SYN_RES, help="side of the distilled images")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 views=a.views,
                 seed=a.seed,
                 test_batch=a.test_batch,
+                image_res=a.image_res,
             )
             return 0
         p = argparse.ArgumentParser(
@@ -470,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=a.out,
             seed=a.seed,
             test_batch=a.test_batch,
+            image_res=a.image_res,
             method=a.method,
         )
     except InputError as e:
