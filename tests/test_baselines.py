@@ -98,3 +98,43 @@ def test_selection_commands_end_to_end(tmp_path, fake_registries, monkeypatch): 
     bl.run_neighbors(str(tmp_path / "run"), "tiny", str(tmp_path / "nb"), batch_size=5)
     images, labels, _ = ev.load_distilled(str(tmp_path / "nb"))
     np.testing.assert_array_equal(images, train_x[[5, 2, 0, 3]])
+
+
+def test_report_table_and_chart(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "report", os.path.join(os.path.dirname(__file__), "..", "tools", "report.py")
+    )
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = [
+        ("distilled", "dinov2", "dinov2", 91.5),
+        ("random", "dinov2", None, 74.8),
+        ("distilled", "clip", "clip", 84.9),
+        ("distilled", "clip", "dinov2", 60.0),
+        ("full", "clip", None, 92.5),
+    ]
+    for i, (method, bb, src, top1) in enumerate(rows):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "eval.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "backbone": bb,
+                    "distill_backbone": src,
+                    "dataset": "in100",
+                    "top1": {"mean": top1, "std": 0.5, "per_seed": [top1]},
+                }
+            )
+        )
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| dataset | method | clip | dinov2 |" in md
+    assert "| in100 | Distilled (ours) | 84.9 ± 0.5 | 91.5 ± 0.5 |" in md  # cross-model left out
+    assert "| in100 | Random real | — | 74.8 ± 0.5 |" in md
+    assert md.index("Distilled") < md.index("Random") < md.index("Full dataset")
+    assert (tmp_path / "r.png").stat().st_size > 1000
