@@ -64,6 +64,16 @@ def sample(rng: jax.Array, n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
     return params
 
 
+def sample_rows(rng: jax.Array, rows: jax.Array, cfg: AugmentConfig) -> dict[str, jax.Array]:
+    """Draws for the batch rows `rows` [n] (global indices): row r's draws come from
+    fold_in(rng, r) alone, so they do not depend on how a batch is split over devices or
+    chunks."""
+    one = lambda r: jax.tree_util.tree_map(
+        lambda x: x[0], sample(jax.random.fold_in(rng, r), 1, cfg)
+    )
+    return jax.vmap(one)(rows)
+
+
 def identity_params(n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
     """Draws for which `apply` is the identity when in_res == out_res: no flip, a full-size
     centred crop (s = 1, r = 1), no noise."""
