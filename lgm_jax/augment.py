@@ -31,7 +31,8 @@ from lgm_jax import resample
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """What the augmentation does. `mode`: "train" (flip, crop, noise), "eval" (flip and crop,
-    no noise; the probe-training augmentation), or "off" (a centre crop to out_res, the view a test image gets)."""
+    no noise; the probe-training augmentation), or "off" (a centre crop to out_res, the view a
+    test image gets)."""
 
     mode: str = "train"
     out_res: int = 224
@@ -44,7 +45,9 @@ class AugmentConfig:
 
     def __post_init__(self):
         if self.mode not in ("train", "eval", "off"):
-            raise ValueError(f"augmentation mode must be 'train', 'eval' or 'off', got {self.mode!r}")
+            raise ValueError(
+                f"augmentation mode must be 'train', 'eval' or 'off', got {self.mode!r}"
+            )
 
 
 def sample(rng: jax.Array, n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
@@ -59,6 +62,16 @@ def sample(rng: jax.Array, n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
         params["noise_apply_u"] = jax.random.uniform(k_apply, (n,))
         params["noise_z"] = jax.random.normal(k_z, (n, cfg.out_res, cfg.out_res, 3))
     return params
+
+
+def sample_rows(rng: jax.Array, rows: jax.Array, cfg: AugmentConfig) -> dict[str, jax.Array]:
+    """Draws for the batch rows `rows` [n] (global indices): row r's draws come from
+    fold_in(rng, r) alone, so they do not depend on how a batch is split over devices or
+    chunks."""
+    one = lambda r: jax.tree_util.tree_map(
+        lambda x: x[0], sample(jax.random.fold_in(rng, r), 1, cfg)
+    )
+    return jax.vmap(one)(rows)
 
 
 def identity_params(n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
@@ -98,7 +111,7 @@ def crop_matrices(crop_u: jax.Array, in_res: int, cfg: AugmentConfig):
 def apply(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfig) -> jax.Array:
     """Augment images [n, H, H, 3] in [0, 1] -> [n, out_res, out_res, 3] (float32)."""
     check_images(images)
-    n, in_res = images.shape[0], images.shape[1]
+    in_res = images.shape[1]
     if cfg.mode == "off":  # the test-time view: centre crop
         if in_res < cfg.out_res:
             raise ValueError(f"cannot centre-crop {in_res} px images to {cfg.out_res} px")
@@ -107,7 +120,9 @@ def apply(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfig) -
     a_rows, a_cols = crop_matrices(jax.lax.stop_gradient(params["crop_u"]), in_res, cfg)
     flip = params["flip_u"] < cfg.flip_p
     a_cols = jnp.where(flip[:, None, None], a_cols[:, :, ::-1], a_cols)
-    x = jnp.einsum("nph,nhwc->npwc", a_rows.astype(images.dtype), images, precision=resample.HIGHEST)
+    x = jnp.einsum(
+        "nph,nhwc->npwc", a_rows.astype(images.dtype), images, precision=resample.HIGHEST
+    )
     x = jnp.einsum("nqw,npwc->npqc", a_cols.astype(images.dtype), x, precision=resample.HIGHEST)
     if cfg.mode == "train":
         noisy = params["noise_apply_u"] < cfg.noise_p

@@ -49,6 +49,14 @@ class StepConfig:
     augment: augment.AugmentConfig = augment.AugmentConfig()
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    # Rows per backbone call on each device; None runs the whole per-device batch at once.
+    # Peak memory scales with the chunk, not with the number of synthetic images.
+    chunk_size: int | None = None
+    real_input: str = "images"  # "images" (online) or "features" (from the real-feature cache)
+
+    def __post_init__(self):
+        if self.real_input not in ("images", "features"):
+            raise ValueError(f"real_input must be 'images' or 'features', got {self.real_input!r}")
 
     @property
     def num_syn(self) -> int:
@@ -107,7 +115,7 @@ def probe_grad(w, b, feats, labels, num_total: int | None = None) -> jax.Array:
     one shard of it, so that the shards' results sum to the full gradient.
     """
     n = feats.shape[0] if num_total is None else num_total
-    feats = feats.astype(jnp.float32)
+    feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
     logits = jnp.dot(feats, w.T, precision="highest") + b
     e = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, w.shape[0])) / n
     gw = jnp.dot(e.T, feats, precision="highest")
@@ -171,46 +179,189 @@ def meta_loss(levels, params, probe, g_real, aug_params, features: FeatureFn, cf
     return match_loss(g_real, probe_grad(*probe, feats, labels))
 
 
-def draws(rng, feat_dim: int, cfg: StepConfig):
-    """Every random draw of one step, from one key: probe, real and synthetic augmentations."""
-    k_probe, k_real, k_syn = jax.random.split(rng, 3)
-    return (
-        sample_probe(k_probe, cfg.num_classes, feat_dim, cfg.probe_std),
-        augment.sample(k_real, cfg.num_real, cfg.augment),
-        augment.sample(k_syn, cfg.aug_rounds * cfg.num_syn, cfg.augment),
-    )
+def step_keys(rng, step):
+    """The keys of one step, derived from the run's key and the step number alone (so a resumed
+    run replays exactly the draws of an uninterrupted one): probe, real and synthetic draws."""
+    k_probe, k_real, k_syn = jax.random.split(jax.random.fold_in(rng, step), 3)
+    return k_probe, k_real, k_syn
 
 
-def train_step(state: State, params, real_images, real_labels, *, features: FeatureFn,
-               feat_dim: int, tx, cfg: StepConfig):
-    """One LGM update. real_images [R, H, H, 3] (uint8 or float in [0, 1]), real_labels [R].
+def reference_grad(
+    levels, params, real, real_labels, keys, *, features: FeatureFn, feat_dim: int, cfg: StepConfig
+):
+    """(meta-loss, d loss / d levels) by plain `jax.grad` over the whole batch at once.
 
-    Returns the new state and metrics {"loss", "grad_norm"}. A non-finite loss leaves the
-    state's levels and optimizer untouched (the step counter still advances) and is reported
-    through metrics["finite"].
+    The same function as `meta_grad`, written the direct way; tests check one against the other.
     """
-    probe, real_aug, syn_aug = draws(jax.random.fold_in(state.rng, state.step), feat_dim, cfg)
-    z_real = real_features(features, params, real_images, real_aug, cfg)
+    k_probe, k_real, k_syn = keys
+    probe = sample_probe(k_probe, cfg.num_classes, feat_dim, cfg.probe_std)
+    rows = jnp.arange(cfg.num_real)
+    if cfg.real_input == "features":
+        z_real = real.astype(jnp.float32)
+    else:
+        aug = augment.sample_rows(k_real, rows, cfg.augment)
+        z_real = real_features(features, params, real, aug, cfg)
     g_real = probe_grad(*probe, z_real, real_labels)
-    loss, grads = jax.value_and_grad(meta_loss)(
-        state.levels, params, probe, g_real, syn_aug, features, cfg
+    syn_aug = augment.sample_rows(k_syn, rows, cfg.augment)
+    return jax.value_and_grad(meta_loss)(levels, params, probe, g_real, syn_aug, features, cfg)
+
+
+def chunk_size(rows: int, requested: int | None) -> int:
+    """The largest divisor of `rows` that is at most `requested` (all rows when None)."""
+    if requested is None or requested >= rows:
+        return rows
+    if requested < 1:
+        raise ValueError(f"chunk_size must be positive, got {requested}")
+    return max(d for d in range(1, requested + 1) if rows % d == 0)
+
+
+def _map_chunks(fn, xs, chunk: int):
+    """fn over the leading axis of the pytree xs in chunks of `chunk` rows, concatenated."""
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if chunk == n:
+        return fn(*xs)
+    split = lambda x: x.reshape(n // chunk, chunk, *x.shape[1:])
+    out = jax.lax.map(lambda c: fn(*c), jax.tree_util.tree_map(split, xs))
+    return out.reshape(n, *out.shape[2:])
+
+
+def meta_grad(
+    levels,
+    params,
+    real,
+    real_labels,
+    keys,
+    *,
+    features: FeatureFn,
+    feat_dim: int,
+    cfg: StepConfig,
+    axis: str | None = None,
+    num_devices: int = 1,
+):
+    """(meta-loss, d loss / d levels) for this device's share of the batch, in bounded memory.
+
+    real: this device's real rows, images [R/D, H, H, 3] or cached features [R/D, F].
+    With `axis`, runs inside `shard_map`: partial probe gradients and image cotangents are
+    joined with `psum`, and the results are the same on every device.
+
+    Memory does not grow with the number of synthetic images: the meta-loss depends on them only
+    through their features Z, so
+      1. Z is computed chunk by chunk with no activations kept,
+      2. dL/dZ follows in closed form from g_syn = sum of per-row terms,
+      3. each chunk is run again under `jax.vjp` and pulls dL/dZ back to the decoded images,
+         and only one chunk's backbone activations are alive at a time,
+      4. the image cotangent goes back through `decode` to the pyramid levels.
+    The cost is one extra backbone forward per synthetic image.
+    """
+    k_probe, k_real, k_syn = keys
+    psum = (lambda x: jax.lax.psum(x, axis)) if axis else (lambda x: x)
+    # Mark a replicated value as per-device (shard_map's type system) where it meets one.
+    vary = (lambda x: jax.lax.pcast(x, axis, to="varying")) if axis else (lambda x: x)
+    w, b = sample_probe(k_probe, cfg.num_classes, feat_dim, cfg.probe_std)
+    local = cfg.num_real // num_devices
+    if real.shape[0] != local:
+        raise ValueError(f"expected {local} real rows per device, got {real.shape[0]}")
+    first = jax.lax.axis_index(axis) * local if axis else 0
+    rows = first + jnp.arange(local)
+    chunk = chunk_size(local, cfg.chunk_size)
+
+    if cfg.real_input == "features":
+        z_real = real.astype(jnp.float32)
+    else:
+        real_fn = lambda x, r: real_features(
+            features, params, x, augment.sample_rows(k_real, r, cfg.augment), cfg
+        )
+        z_real = _map_chunks(real_fn, (real, rows), chunk)
+    g_real = psum(probe_grad(w, b, z_real, real_labels, cfg.num_real))
+
+    images = pyramid.decode(levels, cfg.syn_res, cfg.decorrelate_colors)
+    labels = syn_labels(cfg)[rows % cfg.num_syn]  # copy-major: row r shows image r mod N
+
+    def syn_fn(imgs, r):
+        x = augment.apply(
+            imgs[r % cfg.num_syn], augment.sample_rows(k_syn, r, cfg.augment), cfg.augment
+        )
+        return features(params, normalize(x, cfg))
+
+    z_syn = _map_chunks(lambda r: syn_fn(images, r), (rows,), chunk)
+    partial_g = lambda z: probe_grad(w, b, z, labels, cfg.num_real)
+    g_syn = psum(partial_g(z_syn))
+    loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
+    d_z = jax.vjp(partial_g, z_syn)[1](vary(d_gsyn))[0]
+
+    # Differentiate with respect to a per-device copy of the images: the cotangent of a
+    # replicated input would already be summed over devices, and the psum below would count it
+    # D times.
+    local_images = vary(images)
+
+    def backward(acc, xs):
+        r, dz = xs
+        return acc + jax.vjp(lambda im: syn_fn(im, r), local_images)[1](dz)[0], None
+
+    n_chunks = local // chunk
+    d_images, _ = jax.lax.scan(
+        backward,
+        vary(jnp.zeros_like(images)),
+        (rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1)),
     )
+    d_images = psum(d_images)
+    decode = lambda lv: pyramid.decode(lv, cfg.syn_res, cfg.decorrelate_colors)
+    (grads,) = jax.vjp(decode, levels)[1](d_images)
+    return loss, grads
+
+
+def apply_grads(state: State, loss, grads, tx) -> tuple[State, dict]:
+    """Adam step on the levels. A non-finite loss or gradient skips the update (the step counter
+    still advances) and is reported as metrics["finite"] = False."""
     updates, opt_state = tx.update(grads, state.opt_state, state.levels)
     levels = optax.apply_updates(state.levels, updates)
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
-    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
         levels=keep(levels, state.levels),
         opt_state=keep(opt_state, state.opt_state),
     )
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
-    return new_state, metrics
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
-def jit_train_step(features: FeatureFn, feat_dim: int, tx, cfg: StepConfig):
-    """`train_step` jitted, with the state's buffers donated."""
-    fn = functools.partial(train_step, features=features, feat_dim=feat_dim, tx=tx, cfg=cfg)
-    return jax.jit(fn, donate_argnums=(0,))
+def make_step(features: FeatureFn, feat_dim: int, tx, cfg: StepConfig, mesh=None):
+    """The jitted update `step(state, backbone_params, real, real_labels) -> (state, metrics)`.
+
+    real: images [R, H, H, 3] (uint8 or float in [0, 1]) or, with cfg.real_input ==
+    "features", cached features [R, F]; R = cfg.num_real. With a mesh (one axis named "data"),
+    `real` and the synthetic copies are split over its devices and joined by `psum`; the state
+    and backbone parameters are replicated. The state's buffers are donated.
+    """
+    kw = dict(features=features, feat_dim=feat_dim, cfg=cfg)
+    if mesh is None:
+        grad_fn = functools.partial(meta_grad, **kw)
+    else:
+        (axis,) = mesh.axis_names
+        if cfg.num_real % mesh.size:
+            raise ValueError(
+                f"the batch of {cfg.num_real} real / synthetic rows (ipc*K*C) does not split "
+                f"over {mesh.size} devices; choose aug_rounds or devices so that it divides"
+            )
+        spec, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+        grad_fn = jax.shard_map(
+            functools.partial(meta_grad, axis=axis, num_devices=mesh.size, **kw),
+            mesh=mesh,
+            in_specs=(rep, rep, spec, spec, rep),
+            out_specs=(rep, rep),
+        )
+
+    def step(state: State, params, real, real_labels):
+        keys = step_keys(state.rng, state.step)
+        loss, grads = grad_fn(state.levels, params, real, real_labels, keys)
+        return apply_grads(state, loss, grads, tx)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def data_mesh(devices=None):
+    """A one-axis ("data",) mesh over all devices of all processes."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )

@@ -31,9 +31,7 @@ Levels = tuple[jax.Array, ...]
 COLOR_CORRELATION = np.array(
     [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=np.float32
 )
-COLOR_CORRELATION_NORMALIZED = COLOR_CORRELATION / np.max(
-    np.linalg.norm(COLOR_CORRELATION, axis=0)
-)
+COLOR_CORRELATION_NORMALIZED = COLOR_CORRELATION / np.max(np.linalg.norm(COLOR_CORRELATION, axis=0))
 
 INIT_MODES = ("noise", "zero")
 
@@ -46,9 +44,7 @@ def resolutions(start_res: int, final_res: int) -> list[int]:
     while out[-1] < final_res:
         out.append(out[-1] * 2)
     if out[-1] != final_res:
-        raise ValueError(
-            f"final_res={final_res} is not start_res={start_res} times a power of two"
-        )
+        raise ValueError(f"final_res={final_res} is not start_res={start_res} times a power of two")
     return out
 
 
@@ -92,7 +88,8 @@ def extend(rng: jax.Array, levels: Levels, mode: str = "noise") -> Levels:
 
 
 def upsampled_sum(levels: Levels, res: int) -> jax.Array:
-    """Sum of every level bilinearly upsampled to res: [N, res, res, 3] (pre-colour, pre-sigmoid)."""
+    """Sum of every level bilinearly upsampled to res: [N, res, res, 3] (before colour and
+    sigmoid)."""
     total = None
     for lvl in levels:
         r = lvl.shape[1]

@@ -251,13 +251,14 @@ def convert_module(
 
 def compare(family: str, model, backbone, params, size: int, batch: int = 2, seed: int = 0):
     """(max abs diff, relative diff) of torch vs Flax features on one random batch."""
+    import jax
     import torch
 
     from lgm_jax.models import registry
 
     x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
     ref = torch_features(family, model, torch.from_numpy(x)).float().numpy()
-    fn = registry.features_fn(backbone)
+    fn = jax.jit(registry.features_fn(backbone))
     ours = np.asarray(fn(params, x.transpose(0, 2, 3, 1)))
     diff = float(np.abs(ours - ref).max())
     return diff, diff / max(float(np.abs(ref).max()), 1e-30)

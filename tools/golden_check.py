@@ -33,8 +33,22 @@ TOLERANCES = {
     "level_after_adam": 1e-4,
 }
 AUG_KEYS = ("flip_u", "crop_u", "noise_apply_u", "noise_z")
-META_KEYS = ("num_classes", "augs_per_batch", "ipc", "lr", "noise_mean", "noise_std", "flip_p",
-             "noise_p", "crop_scale", "crop_ratio", "syn_res", "crop_res", "mean", "std")
+META_KEYS = (
+    "num_classes",
+    "augs_per_batch",
+    "ipc",
+    "lr",
+    "noise_mean",
+    "noise_std",
+    "flip_p",
+    "noise_p",
+    "crop_scale",
+    "crop_ratio",
+    "syn_res",
+    "crop_res",
+    "mean",
+    "std",
+)
 
 
 class GoldenError(ValueError):
@@ -54,9 +68,21 @@ def load_golden(path: str):
         raise GoldenError(f"{files['meta.json']} lacks settings: {', '.join(absent)}")
     arrays = dict(np.load(files["step.npz"]))
     num_levels = sum(1 for k in arrays if k.startswith("level") and k[5:].isdigit())
-    need = ["real_images", "real_labels", "syn_labels", "probe_W", "probe_b", "g_real", "g_syn",
-            "meta_loss", "syn_decoded", "feats_real", "feats_syn", "real_augmented",
-            "syn_augmented"]
+    need = [
+        "real_images",
+        "real_labels",
+        "syn_labels",
+        "probe_W",
+        "probe_b",
+        "g_real",
+        "g_syn",
+        "meta_loss",
+        "syn_decoded",
+        "feats_real",
+        "feats_syn",
+        "real_augmented",
+        "syn_augmented",
+    ]
     need += [f"{side}_{k}" for side in ("real", "syn") for k in AUG_KEYS]
     need += [f"level{i}{s}" for i in range(num_levels) for s in ("", "_grad", "_after_adam")]
     missing = [k for k in need if k not in arrays]
@@ -86,19 +112,30 @@ def run(path: str) -> list[tuple[str, float, float]]:
 
     meta, a, backbone_dir, num_levels = load_golden(path)
     aug_cfg = augment.AugmentConfig(
-        mode="train", out_res=meta["crop_res"], flip_p=meta["flip_p"],
-        crop_scale=tuple(meta["crop_scale"]), crop_ratio=tuple(meta["crop_ratio"]),
-        noise_p=meta["noise_p"], noise_std=meta["noise_std"], noise_mean=meta["noise_mean"],
+        mode="train",
+        out_res=meta["crop_res"],
+        flip_p=meta["flip_p"],
+        crop_scale=tuple(meta["crop_scale"]),
+        crop_ratio=tuple(meta["crop_ratio"]),
+        noise_p=meta["noise_p"],
+        noise_std=meta["noise_std"],
+        noise_mean=meta["noise_mean"],
     )
     cfg = lgm.StepConfig(
-        num_classes=meta["num_classes"], ipc=meta["ipc"], aug_rounds=meta["augs_per_batch"],
-        syn_res=meta["syn_res"], augment=aug_cfg, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+        num_classes=meta["num_classes"],
+        ipc=meta["ipc"],
+        aug_rounds=meta["augs_per_batch"],
+        syn_res=meta["syn_res"],
+        augment=aug_cfg,
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
     )
     model_cfg, params = dinov2.load(backbone_dir, image_size=meta["crop_res"])
     model = vit.ViT(model_cfg)
     features = lambda p, x: model.apply({"params": p}, x)
 
-    # The golden file orders levels fine to coarse (level0 = full resolution); lgm_jax coarse to fine.
+    # The golden file orders levels fine to coarse (level0 = full resolution); lgm_jax coarse
+    # to fine.
     order = list(range(num_levels - 1, -1, -1))
     levels = tuple(jnp.asarray(a[f"level{i}"]) for i in order)
     probe = (jnp.asarray(a["probe_W"]), jnp.asarray(a["probe_b"]))
@@ -136,8 +173,12 @@ def run(path: str) -> list[tuple[str, float, float]]:
     updates, _ = tx.update(recorded, tx.init(levels), levels)
     after = jax.tree_util.tree_map(lambda p, u: p + u, levels, updates)
     for j, i in enumerate(order):
-        add(f"level{i}_grad ({levels[j].shape[1]}px)", grads[j], a[f"level{i}_grad"],
-            t["level_grad"])
+        add(
+            f"level{i}_grad ({levels[j].shape[1]}px)",
+            grads[j],
+            a[f"level{i}_grad"],
+            t["level_grad"],
+        )
     for j, i in enumerate(order):
         add(f"level{i}_after_adam", after[j], a[f"level{i}_after_adam"], t["level_after_adam"])
     return rows

@@ -19,7 +19,8 @@ Token order: [CLS, registers, patches (row-major), padding]. Padding (to a multi
 `token_multiple`, for fused attention kernels) is masked out of every key set and never pooled,
 so it does not change the features.
 
-Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32.
+Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32
+(float64 when dtype is "float64", which the finite-difference tests use under jax_enable_x64).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class ViTConfig:
     proj_dim: int = 0  # > 0: a bias-free projection of the pooled feature (CLIP)
     image_size: int = 224
     # Compute options (not part of the checkpoint):
-    dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls
+    dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
     # Pad the token count to a multiple of this (masked keys); 0: 64 for cudnn, none for xla.
@@ -101,7 +102,7 @@ class ViTConfig:
 
 
 def _dtype(cfg: ViTConfig):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}[cfg.dtype]
 
 
 def _rotate_pairs(x):
@@ -141,14 +142,22 @@ class Attention(nn.Module):
             )
         if rope is not None:
             sin, cos = (t[None, :, None, :] for t in rope)
-            # In float32, cast back: as timm, whose sin/cos stay float32 under autocast.
+            # At least float32, cast back: as timm, whose sin/cos stay float32 under autocast.
             q = (q * cos + _rotate_pairs(q) * sin).astype(dt)
             k = (k * cos + _rotate_pairs(k) * sin).astype(dt)
-        impl = None if cfg.attention == "xla" else cfg.attention
-        lengths = None if num_valid is None else jnp.full((b,), num_valid, jnp.int32)
-        o = jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=lengths, implementation=impl
-        )
+        if cfg.attention == "xla":
+            # Softmax in at least float32 (bf16 logits lose too much), at full width otherwise.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+            logits = logits.astype(jnp.promote_types(dt, jnp.float32))
+            if num_valid is not None:  # padding keys get no weight
+                logits = jnp.where(jnp.arange(n) < num_valid, logits, -jnp.inf)
+            probs = jax.nn.softmax(logits, axis=-1)
+            o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        else:
+            lengths = None if num_valid is None else jnp.full((b,), num_valid, jnp.int32)
+            o = jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=lengths, implementation=cfg.attention
+            )
         return nn.Dense(d, dtype=dt, name="out")(o.reshape(b, n, d))
 
 
@@ -325,14 +334,15 @@ class ViT(nn.Module):
             feat = x[:, 0]
         elif cfg.pool == "avg":
             start = 1 + cfg.reg_tokens
-            feat = x[:, start : start + g * g].astype(jnp.float32).mean(axis=1).astype(dt)
+            patches = x[:, start : start + g * g]
+            feat = patches.astype(jnp.promote_types(dt, jnp.float32)).mean(axis=1).astype(dt)
         else:
             raise ValueError(f"unknown pooling {cfg.pool!r}")
         if cfg.fc_norm:
             feat = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="fc_norm")(feat)
         if cfg.proj_dim:
             feat = nn.Dense(cfg.proj_dim, use_bias=False, dtype=dt, name="proj")(feat)
-        return feat.astype(jnp.float32)
+        return feat.astype(jnp.promote_types(dt, jnp.float32))
 
 
 def param_shapes(cfg: ViTConfig) -> Any:

@@ -1,0 +1,312 @@
+"""The paper's linear-probe protocol as one compiled program: train, then test.
+
+Training (SPEC "Evaluation protocol"): a new probe W [C, F] ~ N(0, 0.01^2), b = 0 on frozen
+backbone features; batch B = min(100, N); every step flips and random-resized-crops each image
+to the backbone resolution (augmentation mode "eval", no noise), normalises it and takes its
+features; mean cross-entropy; Adam (PyTorch's: eps outside the square root) with
+lr = 1e-3 * B / 256, no weight decay; a cosine schedule over the epochs stepped per epoch, so the
+learning rate is constant within an epoch: lr_e = lr (1 + cos(pi e / E)) / 2 for e = 0..E-1.
+Each epoch visits a fresh permutation of the N images in ceil(N / B) batches; the last batch is
+padded to B and masked (PyTorch's DataLoader with drop_last=False), so every shape is static.
+
+The whole run is one `jit`: a `lax.scan` over epochs holding a `lax.scan` over the batches of the
+epoch, and `vmap` over seeds. Seed s derives every draw from `fold_in(rng, s)`: its probe init,
+its shuffles (`fold_in(k_shuffle, epoch)`) and its augmentations (`fold_in(k_aug, step)`).
+Backbone parameters are an argument of the compiled program, never a baked-in constant.
+
+Two modes:
+  * exact: the backbone runs inside the loop on freshly augmented images (the paper's protocol);
+  * fast: features of V augmented views of every image are computed once (shared by all seeds),
+    and each step draws a view index per example; the probe loop then touches features only.
+
+Testing: test images (already the backbone's resolution, or larger and then centre-cropped)
+come in fixed-size padded batches with a mask; one jitted function computes their features once
+and scores the probes of every seed on them (top-1 and top-5 counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lgm_jax import augment, lgm
+
+# features(backbone_params, normalised images [B, H, W, 3]) -> [B, F] float32
+FeatureFn = Callable[[object, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Static settings of probe training (hashable: part of the jit cache key)."""
+
+    num_classes: int
+    epochs: int = 1000
+    batch_size: int = 100  # the batch is min(batch_size, N)
+    lr: float | None = None  # None: 1e-3 * batch / 256 (the paper's rule)
+    probe_std: float = 0.01
+    augment: augment.AugmentConfig = augment.AugmentConfig(mode="eval")
+    mean: Sequence[float] = lgm.IMAGENET_MEAN
+    std: Sequence[float] = lgm.IMAGENET_STD
+    views: int = 0  # 0: exact mode; V > 0: fast mode with V precomputed views per image
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(m) for m in self.std))
+        if self.augment.mode == "train":
+            raise ValueError("probe training must not add noise: use AugmentConfig(mode='eval')")
+        if self.epochs < 1 or self.batch_size < 1 or self.views < 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and views >= 0: {self}")
+
+    @property
+    def mode(self) -> str:
+        return "fast" if self.views else "exact"
+
+    def batch(self, n: int) -> int:
+        return min(self.batch_size, n)
+
+    def steps_per_epoch(self, n: int) -> int:
+        return -(-n // self.batch(n))
+
+    def base_lr(self, n: int) -> float:
+        return self.lr if self.lr is not None else 1e-3 * self.batch(n) / 256
+
+    def schedule(self, n: int):
+        """Learning rate as a function of the epoch index."""
+        return optax.cosine_decay_schedule(self.base_lr(n), self.epochs)
+
+    def settings(self, n: int) -> dict:
+        """Every setting, as written to eval.json."""
+        return {
+            "mode": self.mode,
+            "epochs": self.epochs,
+            "batch": self.batch(n),
+            "steps_per_epoch": self.steps_per_epoch(n),
+            "lr": self.base_lr(n),
+            "schedule": "cosine over epochs, stepped per epoch",
+            "optimizer": "adam(b1=0.9, b2=0.999, eps=1e-8), no weight decay",
+            "probe_std": self.probe_std,
+            "augment": dataclasses.asdict(self.augment),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "views": self.views,
+        }
+
+
+Probe = tuple[jax.Array, jax.Array]  # W [C, F], b [C]
+
+
+def seed_keys(rng: jax.Array, seed) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys of one seed: probe init, shuffles, augmentation (or view) draws."""
+    k = jax.random.split(jax.random.fold_in(rng, seed), 3)
+    return k[0], k[1], k[2]
+
+
+def epoch_batches(key: jax.Array, n: int, b: int) -> tuple[jax.Array, jax.Array]:
+    """A shuffled epoch: indices [S, b] into the N examples and a mask [S, b] of real entries
+    (S = ceil(N / b); the last batch is padded with index 0 and mask False)."""
+    s = -(-n // b)
+    perm = jax.random.permutation(key, n)
+    idx = jnp.concatenate([perm, jnp.zeros((s * b - n,), perm.dtype)]).reshape(s, b)
+    mask = (jnp.arange(s * b) < n).reshape(s, b)
+    return idx, mask
+
+
+def masked_ce(probe: Probe, feats, labels, mask) -> jax.Array:
+    """Mean cross-entropy of a linear probe over the unmasked rows. feats [B, F], labels [B]."""
+    w, b = probe
+    logits = jnp.dot(feats, w.T, precision="highest") + b
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    mask = mask.astype(ce.dtype)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def adam():
+    """Adam's direction (PyTorch defaults); the learning rate is applied by the loop."""
+    return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def fit(batch_feats, labels, keys, n: int, feat_dim: int, cfg: ProbeConfig):
+    """Train one probe. batch_feats(idx [B], key) -> features [B, F] of those examples.
+
+    Returns the probe and the mean training loss of every epoch [E].
+    """
+    k_init, k_shuffle, k_draw = keys
+    probe = lgm.sample_probe(k_init, cfg.num_classes, feat_dim, cfg.probe_std)
+    tx, b, spe, lr_of = adam(), cfg.batch(n), cfg.steps_per_epoch(n), cfg.schedule(n)
+
+    def epoch(carry, e):
+        idx, mask = epoch_batches(jax.random.fold_in(k_shuffle, e), n, b)
+        lr = lr_of(e)
+
+        def step(carry, batch):
+            probe, opt = carry
+            j, idx_j, mask_j = batch
+            feats = batch_feats(idx_j, jax.random.fold_in(k_draw, e * spe + j))
+            loss, grads = jax.value_and_grad(masked_ce)(probe, feats, labels[idx_j], mask_j)
+            updates, opt = tx.update(grads, opt)
+            probe = jax.tree_util.tree_map(lambda p, u: p - lr * u, probe, updates)
+            return (probe, opt), loss * jnp.sum(mask_j)
+
+        carry, losses = jax.lax.scan(step, carry, (jnp.arange(spe), idx, mask))
+        return carry, jnp.sum(losses) / n
+
+    (probe, _), losses = jax.lax.scan(epoch, (probe, tx.init(probe)), jnp.arange(cfg.epochs))
+    return probe, losses
+
+
+def augmented_features(features: FeatureFn, params, images, key, cfg: ProbeConfig):
+    """Features [B, F] of one fresh flip + random-resized-crop view of each image [B, H, H, 3]."""
+    x = lgm.to_unit(images)
+    x = augment.apply(x, augment.sample(key, x.shape[0], cfg.augment), cfg.augment)
+    return features(params, lgm.normalize(x, cfg)).astype(jnp.float32)
+
+
+def _train_exact(params, images, labels, seeds, rng, *, features, feat_dim, cfg):
+    per_seed = images.ndim == 5  # one image set per seed (e.g. the random-real baseline)
+
+    def one(images, labels, seed):
+        batch_feats = lambda idx, key: augmented_features(features, params, images[idx], key, cfg)
+        return fit(batch_feats, labels, seed_keys(rng, seed), images.shape[0], feat_dim, cfg)
+
+    axis = 0 if per_seed else None
+    return jax.vmap(one, in_axes=(axis, axis, 0))(images, labels, seeds)
+
+
+def _view_features(params, images, rng, *, features, cfg):
+    """Features [V, N, F] of V augmented views of every image; view v draws fold_in(rng, v)."""
+    one = lambda v: augmented_features(features, params, images, jax.random.fold_in(rng, v), cfg)
+    return jax.lax.map(one, jnp.arange(cfg.views))
+
+
+def _train_fast(params, images, labels, seeds, rng, *, features, feat_dim, cfg):
+    per_seed = images.ndim == 5
+    view_rng = jax.random.fold_in(rng, 1 << 30)  # shared by the seeds
+    views = functools.partial(_view_features, features=features, cfg=cfg)
+    if per_seed:
+        feats = jax.vmap(lambda x: views(params, x, view_rng))(images)
+    else:
+        feats = views(params, images, view_rng)
+    return _fit_views(feats, labels, seeds, rng, feat_dim=feat_dim, cfg=cfg)
+
+
+def _fit_views(feats, labels, seeds, rng, *, feat_dim, cfg):
+    """Probes trained on precomputed view features [V, N, F] (or [S, V, N, F] per seed)."""
+    per_seed = feats.ndim == 4
+
+    def one(feats, labels, seed):
+        v = feats.shape[0]
+
+        def batch_feats(idx, key):
+            return feats[jax.random.randint(key, idx.shape, 0, v), idx]
+
+        return fit(batch_feats, labels, seed_keys(rng, seed), feats.shape[1], feat_dim, cfg)
+
+    axis = 0 if per_seed else None
+    return jax.vmap(one, in_axes=(axis, axis, 0))(feats, labels, seeds)
+
+
+train_exact = jax.jit(_train_exact, static_argnames=("features", "feat_dim", "cfg"))
+train_fast = jax.jit(_train_fast, static_argnames=("features", "feat_dim", "cfg"))
+fit_views = jax.jit(_fit_views, static_argnames=("feat_dim", "cfg"))
+
+
+def train_probes(
+    features: FeatureFn,
+    params,
+    images,
+    labels,
+    *,
+    feat_dim: int,
+    cfg: ProbeConfig,
+    seeds: int = 5,
+    rng: jax.Array | None = None,
+):
+    """Train `seeds` probes in one compiled program.
+
+    images: uint8 [N, H, H, 3] (or float in [0, 1]), shared by the seeds, or [S, N, H, H, 3]
+    with one set per seed; labels [N] or [S, N]. Returns ((W [S, C, F], b [S, C]), loss [S, E]).
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    if images.ndim == 5 and images.shape[0] != seeds:
+        raise ValueError(f"{images.shape[0]} per-seed image sets for {seeds} seeds")
+    fn = train_fast if cfg.views else train_exact
+    seed_ids = jnp.arange(seeds, dtype=jnp.uint32)
+    return fn(params, images, labels, seed_ids, rng, features=features, feat_dim=feat_dim, cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Testing
+
+
+def array_batches(images, labels, batch_size: int) -> Iterator[dict]:
+    """Fixed-size batches {"image", "label", "mask"} of in-memory arrays; the last is padded."""
+    n = len(labels)
+    for start in range(0, n, batch_size):
+        img, lab = images[start : start + batch_size], labels[start : start + batch_size]
+        pad = batch_size - len(lab)
+        mask = np.arange(batch_size) < len(lab)
+        if pad:
+            img = np.concatenate([img, np.zeros((pad, *img.shape[1:]), img.dtype)])
+            lab = np.concatenate([lab, np.zeros((pad,), lab.dtype)])
+        yield {"image": img, "label": lab, "mask": mask}
+
+
+def centre_crop(images, res: int):
+    """Centre crop [B, H, H, 3] to [B, res, res, 3] (identity when H == res)."""
+    h = images.shape[1]
+    if h < res:
+        raise ValueError(f"test images are {h} px, smaller than the backbone's {res} px")
+    o = (h - res) // 2
+    return images[:, o : o + res, o : o + res]
+
+
+def _test_counts(params, probes, images, labels, mask, *, features, cfg):
+    x = lgm.normalize(centre_crop(lgm.to_unit(images), cfg.augment.out_res), cfg)
+    z = features(params, x).astype(jnp.float32)  # [B, F]
+    w, b = probes  # [S, C, F], [S, C]
+    logits = jnp.einsum("bf,scf->sbc", z, w, precision="highest") + b[:, None]
+    k = min(5, w.shape[1])
+    top1 = jnp.argmax(logits, -1) == labels
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[None, :, None], -1)
+    m = mask.astype(jnp.int32)
+    return jnp.sum(top1 * m, -1), jnp.sum(top5 * m, -1)
+
+
+test_counts = jax.jit(_test_counts, static_argnames=("features", "cfg"))
+
+
+def test_probes(
+    features: FeatureFn, params, probes: Probe, batches: Iterable[dict], cfg: ProbeConfig
+) -> dict[str, np.ndarray]:
+    """Top-1 and top-5 accuracy [S] (fractions) of every seed's probe on padded test batches."""
+    top1 = top5 = 0
+    total = 0
+    for batch in batches:
+        c1, c5 = test_counts(
+            params,
+            probes,
+            jnp.asarray(batch["image"]),
+            jnp.asarray(batch["label"], jnp.int32),
+            jnp.asarray(batch["mask"]),
+            features=features,
+            cfg=cfg,
+        )
+        top1, top5 = top1 + np.asarray(c1), top5 + np.asarray(c5)
+        total += int(np.sum(batch["mask"]))
+    if total == 0:
+        raise ValueError("the test set is empty")
+    return {"top1": np.asarray(top1) / total, "top5": np.asarray(top5) / total, "num_test": total}
+
+
+def summarize(values) -> dict:
+    """Mean, standard deviation (ddof=1, as torch.std; 0 for one seed) and per-seed values, in %."""
+    v = 100.0 * np.asarray(values, np.float64)
+    std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    return {"mean": float(np.mean(v)), "std": std, "per_seed": [float(x) for x in v]}

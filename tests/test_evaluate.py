@@ -1,0 +1,303 @@
+"""The jitted probe protocol against a plain eager reference loop, an easy problem it must solve,
+seeds, the input checks, and the CLI end to end with stand-in data and backbone registries."""
+
+import json
+import math
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lgm_jax
+from lgm_jax import augment, lgm, probe
+from lgm_jax import evaluate as ev
+from lgm_jax.models import dinov2
+from lgm_jax.models.vit import ViT
+
+RES = 28  # tiny backbone resolution (2x2 patches of 14 px)
+SRC = 32  # tiny "distilled" image side
+
+# layer_scale off: with DINOv2's 1e-5 layer scale a random net's CLS token ignores the image.
+VIT_CFG = dinov2.variant("S/14").replace(
+    width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, image_size=RES, layer_scale=False
+)
+MODEL = ViT(VIT_CFG)
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3)))["params"]
+
+
+def features(params, x):
+    return MODEL.apply({"params": params}, x)
+
+
+def tiny_cfg(num_classes, **kw):
+    return probe.ProbeConfig(
+        num_classes=num_classes, augment=augment.AugmentConfig(mode="eval", out_res=RES), **kw
+    )
+
+
+def colour_images(n, num_classes, rng, res=SRC):
+    """Class c: a noisy solid colour; easy for any feature map that sees colour."""
+    cols = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], np.float32)[:num_classes]
+    labels = np.arange(n) % num_classes
+    x = 0.15 + 0.7 * cols[labels][:, None, None] + 0.05 * rng.standard_normal((n, res, res, 3))
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.int32)
+
+
+def reference_fit(batch_feats, labels, rng, n, feat_dim, cfg):
+    """One seed, eager and in NumPy: closed-form CE gradient, PyTorch Adam, cosine per epoch.
+    Only the data order and the random draws come from the library (so the runs are comparable)."""
+    k_init, k_shuffle, k_draw = probe.seed_keys(rng, 0)
+    w, b = (np.asarray(a, np.float64) for a in lgm.sample_probe(k_init, cfg.num_classes, feat_dim))
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    bs, spe, t = cfg.batch(n), cfg.steps_per_epoch(n), 0
+    base = cfg.base_lr(n)
+    for e in range(cfg.epochs):
+        lr = base * 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))
+        idx, mask = (
+            np.asarray(a) for a in probe.epoch_batches(jax.random.fold_in(k_shuffle, e), n, bs)
+        )
+        for j in range(spe):
+            z = np.asarray(batch_feats(idx[j], jax.random.fold_in(k_draw, e * spe + j)), np.float64)
+            keep = mask[j]
+            z, y = z[keep], labels[idx[j][keep]]
+            logits = z @ w.T + b
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            err = (p - np.eye(cfg.num_classes)[y]) / len(y)
+            grads = [err.T @ z, err.sum(0)]
+            t += 1
+            for i, g in enumerate(grads):
+                m[i] = 0.9 * m[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                step = (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
+                if i == 0:
+                    w = w - lr * step
+                else:
+                    b = b - lr * step
+    return w, b
+
+
+def test_feature_probe_matches_eager_reference():
+    # Separable Gaussian blobs, 2 views; N=10, batch 4: 3 steps per epoch, the last one padded.
+    rng = np.random.default_rng(0)
+    c, f, n, views = 3, 8, 10, 2
+    centres = 3 * rng.standard_normal((c, f))
+    labels = (np.arange(n) % c).astype(np.int32)
+    feats = (centres[labels] + rng.standard_normal((views, n, f))).astype(np.float32)
+    cfg = probe.ProbeConfig(num_classes=c, epochs=12, batch_size=4, lr=0.05, views=views)
+    key = jax.random.key(3)
+    (w, b), losses = probe.fit_views(
+        jnp.asarray(feats),
+        jnp.asarray(labels),
+        jnp.arange(1, dtype=jnp.uint32),
+        key,
+        feat_dim=f,
+        cfg=cfg,
+    )
+
+    def batch_feats(idx, k):
+        return feats[np.asarray(jax.random.randint(k, idx.shape, 0, views)), idx]
+
+    w_ref, b_ref = reference_fit(batch_feats, labels, key, n, f, cfg)
+    np.testing.assert_allclose(w[0], w_ref, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(b[0], b_ref, atol=2e-5, rtol=1e-4)
+    assert losses[0, -1] < 0.5 * losses[0, 0]
+    test = (centres[labels] + rng.standard_normal((n, f))).astype(np.float32)
+    acc = lambda w, b: np.mean(np.argmax(test @ np.asarray(w).T + np.asarray(b), 1) == labels)
+    assert acc(w[0], b[0]) == acc(w_ref, b_ref) >= 0.9
+
+
+def test_exact_probe_with_backbone_matches_eager_reference():
+    rng = np.random.default_rng(1)
+    images, labels = colour_images(6, 3, rng)
+    cfg = tiny_cfg(3, epochs=3, batch_size=4, lr=0.01)
+    key = jax.random.key(5)
+    (w, b), _ = probe.train_probes(
+        features, PARAMS, images, labels, feat_dim=32, cfg=cfg, seeds=1, rng=key
+    )
+
+    # The view of one batch: augment, normalise, backbone. Jitted on its own only to keep the
+    # test fast; the training loop around it is plain Python.
+    @jax.jit
+    def view(x, k):
+        x = augment.apply(lgm.to_unit(x), augment.sample(k, x.shape[0], cfg.augment), cfg.augment)
+        return features(PARAMS, lgm.normalize(x, cfg))
+
+    batch_feats = lambda idx, k: view(jnp.asarray(images[idx]), k)
+
+    w_ref, b_ref = reference_fit(batch_feats, labels, key, 6, 32, cfg)
+    np.testing.assert_allclose(w[0], w_ref, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(b[0], b_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_probe_solves_easy_problem_and_seeds_differ():
+    rng = np.random.default_rng(2)
+    train_x, train_y = colour_images(8, 4, rng)
+    test_x, test_y = colour_images(36, 4, rng, res=RES)
+    cfg = tiny_cfg(4, epochs=20, lr=0.01)
+    res = ev.run_protocol(
+        train_x,
+        train_y,
+        features=features,
+        params=PARAMS,
+        feat_dim=32,
+        cfg=cfg,
+        test_batches=lambda: probe.array_batches(test_x, test_y, 16),
+        seeds=5,
+    )
+    assert res["num_test"] == 36  # 3 batches of 16, the last one padded and masked
+    assert res["top1"]["mean"] >= 95.0, res["top1"]
+    assert res["top5"]["mean"] == 100.0
+    assert len(res["top1"]["per_seed"]) == 5
+
+    (w, _), _ = probe.train_probes(
+        features, PARAMS, train_x, train_y, feat_dim=32, cfg=cfg, seeds=5
+    )
+    w = np.asarray(w)
+    for i in range(5):
+        for j in range(i):
+            assert np.abs(w[i] - w[j]).max() > 1e-3
+    (w2, _), _ = probe.train_probes(
+        features, PARAMS, train_x, train_y, feat_dim=32, cfg=cfg, seeds=5
+    )
+    np.testing.assert_array_equal(w, np.asarray(w2))  # deterministic given the key
+
+
+def test_schedule_is_cosine_per_epoch():
+    cfg = probe.ProbeConfig(num_classes=2, epochs=4)
+    assert cfg.batch(250) == 100 and cfg.steps_per_epoch(250) == 3
+    assert cfg.base_lr(250) == pytest.approx(1e-3 * 100 / 256)
+    lr = cfg.schedule(250)
+    assert [float(lr(e)) for e in range(4)] == pytest.approx(
+        [cfg.base_lr(250) * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    )
+    idx, mask = probe.epoch_batches(jax.random.key(0), 250, 100)
+    assert idx.shape == (3, 100) and int(mask.sum()) == 250
+    assert sorted(np.asarray(idx)[np.asarray(mask)].tolist()) == list(range(250))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_images_give_clear_errors():
+    ok = np.zeros((2, 256, 256, 3), np.uint8)
+    ev.check_images(ok)
+    with pytest.raises(ev.InputError, match=r"256x256.*got 128x128"):
+        ev.check_images(np.zeros((2, 128, 128, 3), np.uint8))
+    with pytest.raises(ev.InputError, match="NCHW"):
+        ev.check_images(np.zeros((2, 3, 256, 256), np.uint8))
+    with pytest.raises(ev.InputError, match=r"uint8.*\[0, 1\].*\* 255"):
+        ev.check_images(np.full((2, 256, 256, 3), 0.5, np.float32))
+    with pytest.raises(ev.InputError, match="outside"):
+        ev.check_images(np.full((2, 256, 256, 3), 3.0, np.float32))
+
+
+def test_bad_labels_give_clear_errors():
+    assert ev.check_labels([0, 1, 2], 3, 3).dtype == np.int32
+    with pytest.raises(ev.InputError, match=r"\[0, 3\).*\[7\]"):
+        ev.check_labels([0, 1, 7], 3, 3)
+    with pytest.raises(ev.InputError, match=r"2 classes but .* has 3"):
+        ev.check_labels([0, 1, 1], 3, 3)
+    with pytest.raises(ev.InputError, match="shape"):
+        ev.check_labels([0, 1], 3, 3)
+    with pytest.raises(ev.InputError, match="integers"):
+        ev.check_labels([0.5, 1, 2], 3, 3)
+
+
+def test_missing_files_and_keys(tmp_path):
+    with pytest.raises(ev.InputError, match="synthetic.npz"):
+        ev.load_distilled(str(tmp_path))
+    np.savez(tmp_path / "synthetic.npz", images=np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(ev.InputError, match="no 'labels'"):
+        ev.load_distilled(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI with stand-in registries (the real ones live in lgm_jax.data / lgm_jax.models.registry)
+
+
+@pytest.fixture
+def fake_registries(monkeypatch):
+    rng = np.random.default_rng(4)
+    test_x, test_y = colour_images(20, 4, rng, res=RES)
+    data = types.ModuleType("lgm_jax.data")
+    data.get_dataset = lambda name, data_dir=None: types.SimpleNamespace(name=name, num_classes=4)
+    data.eval_iterator = lambda ds, split, batch_size, res, resize: probe.array_batches(
+        test_x, test_y, batch_size
+    )
+    registry = types.ModuleType("lgm_jax.models.registry")
+    backbone = types.SimpleNamespace(
+        feature_dim=32, image_size=RES, mean=lgm.IMAGENET_MEAN, std=lgm.IMAGENET_STD
+    )
+    registry.build = lambda name, weights_dir=None, **kw: (backbone, PARAMS)
+    registry.features_fn = lambda b: features
+    monkeypatch.setitem(sys.modules, "lgm_jax.data", data)
+    monkeypatch.setitem(sys.modules, "lgm_jax.models.registry", registry)
+    monkeypatch.setattr(lgm_jax, "data", data, raising=False)
+    monkeypatch.setattr(lgm_jax.models, "registry", registry, raising=False)
+
+
+def write_run(path, images, labels, **meta):
+    os.makedirs(path, exist_ok=True)
+    np.savez(os.path.join(path, "synthetic.npz"), images=images, labels=labels)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def test_cli_end_to_end(tmp_path, fake_registries, capsys):
+    rng = np.random.default_rng(5)
+    images, labels = colour_images(8, 4, rng)
+    write_run(tmp_path / "a", images, labels, dataset="colours", backbone="tiny")
+    args = [
+        "--backbone",
+        "tiny",
+        "--seeds",
+        "2",
+        "--epochs",
+        "20",
+        "--mode",
+        "fast",
+        "--views",
+        "4",
+        "--image-res",
+        str(SRC),
+    ]
+    assert ev.main(["--distilled", str(tmp_path / "a"), *args]) == 0
+    res = json.loads((tmp_path / "a" / "eval" / "tiny-fast" / "eval.json").read_text())
+    assert res["dataset"] == "colours" and res["num_images"] == 8 and res["num_test"] == 20
+    assert len(res["top1"]["per_seed"]) == 2 and res["settings"]["views"] == 4
+    assert "| distilled | colours | tiny | 8 | fast |" in capsys.readouterr().out
+
+    # A set distilled on a 3-class dataset: a clear error, exit status 2.
+    write_run(tmp_path / "b", images[:6], labels[:6] % 3, dataset="colours")
+    assert ev.main(["--distilled", str(tmp_path / "b"), *args]) == 2
+    assert "3 classes but colours has 4" in capsys.readouterr().err
+
+    # The grid reuses run a's evaluation and writes markdown + JSON.
+    assert (
+        ev.main(
+            [
+                "grid",
+                "--runs",
+                str(tmp_path / "a"),
+                "--backbones",
+                "tiny",
+                "--out",
+                str(tmp_path / "grid"),
+                *args[2:],
+            ]
+        )
+        == 0
+    )
+    md = (tmp_path / "grid" / "grid.md").read_text()
+    assert f"**{res['top1']['mean']:.1f} ± {res['top1']['std']:.1f}**" in md
+    assert (
+        json.loads((tmp_path / "grid" / "grid.json").read_text())["cells"][0]["evaluated_on"]
+        == "tiny"
+    )
