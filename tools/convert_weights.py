@@ -64,14 +64,16 @@ def load_torch(source: str, family: str | None = None, arch: str | None = None):
         )
         import torch
 
-        inner = {k: torch.as_tensor(v) for k, v in inner.items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(inner, strict=False)
+        tensors = {k: torch.as_tensor(v) for k, v in inner.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
             raise SystemExit(
                 f"{source} does not fit timm {arch}: missing {missing}, unexpected {unexpected}"
             )
-        return family, model.eval().float(), state
+        # MoCo-v3's own key names are mapped by plain_vit.RULES; other files with their prefix
+        # (DINO's "backbone.") stripped.
+        return family, model.eval().float(), state if family == "mocov3" else inner
     model = timm.create_model(source, pretrained=True, num_classes=0, dynamic_img_size=True)
     return family, model.eval().float(), None
 
