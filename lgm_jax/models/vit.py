@@ -154,6 +154,8 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(logits, axis=-1)
             o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
+            if cfg.attention == "cudnn" and dt != jnp.bfloat16:
+                raise ValueError("attention='cudnn' needs dtype='bfloat16' (cuDNN's fused kernel)")
             lengths = None if num_valid is None else jnp.full((b,), num_valid, jnp.int32)
             o = jax.nn.dot_product_attention(
                 q, k, v, key_value_seq_lengths=lengths, implementation=cfg.attention
