@@ -67,7 +67,7 @@ def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> n
     for o in range(out_size):
         x = (o + 0.5) * scale - 0.5
         i0 = int(np.floor(x))
-        for k, w in zip(range(-1, 3), _cubic_weights(x - i0)):
+        for k, w in zip(range(-1, 3), _cubic_weights(x - i0), strict=True):
             a[o, min(max(i0 + k, 0), in_size - 1)] += w
     return a.astype(np.float32)
 
@@ -91,3 +91,36 @@ def sampling_matrix(coords: jax.Array, in_size: int) -> jax.Array:
     lo = (idx == i0[..., None]) * (1.0 - t)[..., None]
     hi = (idx == (i0 + 1.0)[..., None]) * t[..., None]
     return lo + hi
+
+
+@functools.cache
+def bicubic_aa_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] matrix of `interpolate(mode="bicubic", antialias=True)`.
+
+    timm's `resample_abs_pos_embed` and transformers' DINOv2-with-registers resize position
+    embeddings this way. PyTorch's antialiased path is PIL's resampler, not the plain bicubic:
+    a = -0.5 (not -0.75); when shrinking, the kernel is stretched by in/out; taps that fall
+    outside the input are dropped (not clamped) and each row is renormalised to sum to one.
+    """
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+
+    def cubic(x, a=-0.5):
+        x = abs(x)
+        if x < 1.0:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2.0:
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return 0.0
+
+    m = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        center = scale * (o + 0.5)
+        lo = max(int(center - support + 0.5), 0)  # C++ truncation toward zero, as PyTorch
+        hi = min(int(center + support + 0.5), in_size)
+        w = np.array([cubic((j - center + 0.5) * invscale) for j in range(lo, hi)])
+        if w.sum() != 0.0:
+            w = w / w.sum()
+        m[o, lo:hi] = w
+    return m.astype(np.float32)

@@ -1,9 +1,13 @@
-"""DINOv2 (transformers `Dinov2Model` layout): config, checkpoint mapping, loader.
+"""DINOv2 (transformers `Dinov2Model` / `Dinov2WithRegistersModel` layout): config, mapping, loader.
 
 Feature: the CLS token after the final LayerNorm (transformers' `pooler_output`). The learned
 position embeddings (37x37 for the 518 px checkpoints) are resized to the input grid with
 PyTorch's bicubic kernel, as transformers does; `pos_resize="hub"` reproduces the torch.hub
-model's slightly shifted grid instead.
+model's slightly shifted grid instead. The with-registers model (4 register tokens after CLS,
+without position embedding) resizes with `antialias=True`, as its transformers class does.
+
+Key names: both the checkpoint files on the hub (`attention.attention.query`, ...) and the
+in-memory state dict of transformers >= 5 (`attention.q_proj`, ...) are accepted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ RULES = [
         "blocks_\\1/attn/\\2/\\3",
     ),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", "blocks_\\1/attn/out/\\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.q_proj\.(weight|bias)", "blocks_\\1/attn/query/\\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.k_proj\.(weight|bias)", "blocks_\\1/attn/key/\\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.v_proj\.(weight|bias)", "blocks_\\1/attn/value/\\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.o_proj\.(weight|bias)", "blocks_\\1/attn/out/\\2"),
+    (r"embeddings\.register_tokens", "reg_tokens"),
     (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", "blocks_\\1/ls\\2/scale"),
     (r"encoder\.layer\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", "blocks_\\1/mlp/\\2/\\3"),
     (r"layernorm\.(weight|bias)", "norm/\\1"),
@@ -37,7 +46,7 @@ RULES = [
 IGNORE = [r"embeddings\.mask_token"]  # only used for masked-image pre-training
 
 
-def variant(name: str = "B/14", **kw) -> ViTConfig:
+def variant(name: str = "B/14", registers: int = 0, **kw) -> ViTConfig:
     """Config of a DINOv2 size variant at 224 px (weights trained at 518 px: 37x37 grid)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown DINOv2 variant {name!r}; choose from {sorted(VARIANTS)}")
@@ -51,6 +60,8 @@ def variant(name: str = "B/14", **kw) -> ViTConfig:
         layer_scale=True,
         norm_eps=1e-6,
         pos_grid=37,
+        reg_tokens=registers,
+        pos_resize="antialias" if registers else "size",
     )
     base.update(kw)
     return ViTConfig(**base)
@@ -58,11 +69,13 @@ def variant(name: str = "B/14", **kw) -> ViTConfig:
 
 def config_from_hf(hf: dict, **kw) -> ViTConfig:
     """ViTConfig from a transformers DINOv2 config.json dict."""
-    if hf.get("model_type") != "dinov2":
+    kind = hf.get("model_type")
+    if kind not in ("dinov2", "dinov2_with_registers"):
         raise weights.CheckpointMismatch(
-            "expected a transformers DINOv2 config (model_type 'dinov2'), "
-            f"got {hf.get('model_type')!r}"
+            "expected a transformers DINOv2 config (model_type 'dinov2' or "
+            f"'dinov2_with_registers'), got {kind!r}"
         )
+    registers = hf.get("num_register_tokens", 4) if kind == "dinov2_with_registers" else 0
     if hf.get("use_swiglu_ffn"):
         raise NotImplementedError("DINOv2 with a SwiGLU MLP (ViT-g) is not supported")
     if hf.get("hidden_act", "gelu") != "gelu":
@@ -78,6 +91,8 @@ def config_from_hf(hf: dict, **kw) -> ViTConfig:
         layer_scale=True,
         norm_eps=hf.get("layer_norm_eps", 1e-6),
         pos_grid=hf["image_size"] // patch,
+        reg_tokens=registers,
+        pos_resize="antialias" if registers else "size",
     )
     base.update(kw)
     return ViTConfig(**base)

@@ -2,15 +2,22 @@
 
 The families of the paper (DINOv2, CLIP, EVA-02, MoCo-v3, DINO) are the same pre-norm
 transformer with small differences: how positions are encoded (learned table resized to the
-input grid, fixed 2-D sine-cosine, rotary), the MLP (GELU, quick-GELU, SwiGLU), layer scale,
-register tokens, a LayerNorm before the blocks, and how the feature is pooled (CLS token or the
-mean of patch tokens, optionally projected). Each family's file maps its PyTorch checkpoint
+input grid, fixed 2-D sine-cosine, rotary), the MLP (GELU, quick-GELU, SwiGLU with an optional
+inner LayerNorm), fused or separate q/k/v projections (EVA: no key bias), layer scale, register
+tokens, a LayerNorm before the blocks, and how the feature is pooled (CLS token or the mean of
+patch tokens, optionally normed and projected). Each family's file maps its PyTorch checkpoint
 onto this module's parameter tree; see `lgm_jax/models/weights.py`.
 
-Parameter tree (flax.linen names):
-    patch_embed/{kernel [p, p, 3, D], bias}, cls_token [1, 1, D], pos_embed [1, 1 + g*g, D],
-    pre_norm, blocks_{i}/{norm1, attn/{query, key, value, out}, ls1/scale, norm2,
-    mlp/{fc1, fc2}, ls2/scale}, norm, proj/kernel.
+Parameter tree (flax.linen names; optional parts in brackets):
+    patch_embed/{kernel [p, p, 3, D], [bias]}, cls_token [1, 1, D], [reg_tokens [1, R, D]],
+    [pos_embed [1, 1 + G*G, D]], [pre_norm],
+    blocks_{i}/{norm1, attn/{query, key, value | qkv, [q_bias, v_bias]}, attn/out, [ls1/scale],
+    norm2, mlp/{fc1, fc2 | fc1_g, fc1_x, [norm], fc2}, [ls2/scale]},
+    [norm], [fc_norm], [proj/kernel].
+
+Token order: [CLS, registers, patches (row-major), padding]. Padding (to a multiple of
+`token_multiple`, for fused attention kernels) is masked out of every key set and never pooled,
+so it does not change the features.
 
 Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32
 (float64 when dtype is "float64", which the finite-difference tests use under jax_enable_x64).
@@ -36,25 +43,45 @@ class ViTConfig:
     depth: int = 12
     heads: int = 12
     mlp_dim: int = 3072
-    mlp: str = "gelu"  # "gelu" (erf), "quick_gelu"
+    # "gelu" (erf), "quick_gelu" (CLIP), "swiglu" (separate fc1_g / fc1_x, EVA-02 B/L),
+    # "swiglu_packed" (one fc1 whose first half is the gate, timm GluMlp, EVA-02 T/S).
+    mlp: str = "gelu"
+    mlp_norm: bool = False  # LayerNorm on the MLP's hidden activations (EVA-02 B/L)
+    qkv_fused: bool = False  # one qkv Linear (timm) instead of query/key/value
     qkv_bias: bool = True
+    k_bias: bool = True  # False: EVA's biased query and value, unbiased key
     layer_scale: bool = False
     norm_eps: float = 1e-6
-    pos_embed: str = "learned"  # "learned" (resized to the input grid)
+    patch_bias: bool = True
+    reg_tokens: int = 0  # DINOv2-with-registers
+    # "learned": a table over a pos_grid x pos_grid grid (+ CLS), resized to the input grid;
+    # "sincos": MoCo-v3's fixed 2-D sine-cosine, built for the input grid (CLS gets zero);
+    # "none": no absolute position embedding.
+    pos_embed: str = "learned"
     pos_grid: int = 37  # side of the learned position-embedding grid in the checkpoint
-    # How a learned grid is resized: "size" (interpolate(size=...), as transformers does) or
-    # "hub" (interpolate(scale_factor=(g + 0.1)/G), as DINOv2's torch.hub model does).
+    # How a learned grid is resized: "size" (bicubic interpolate(size=...), transformers DINOv2
+    # and CLIP), "antialias" (bicubic with antialias=True: timm, transformers DINOv2-registers),
+    # "hub" (interpolate(scale_factor=(g + 0.1)/G), DINOv2's torch.hub model).
     pos_resize: str = "size"
-    pool: str = "cls"  # "cls": final-normed CLS token
+    rope: bool = False  # EVA-02's rotary embedding on the patch tokens' queries and keys
+    rope_ref_grid: int = 0  # EVA: coordinates rescaled so any grid spans this one (0: none)
+    rope_theta: float = 10000.0
+    pre_norm: bool = False  # LayerNorm before the blocks (CLIP's pre_layrnorm)
+    final_norm: bool = True  # LayerNorm on every token after the blocks
+    pool: str = "cls"  # "cls" token or "avg" of the patch tokens (CLS and registers excluded)
+    fc_norm: bool = False  # LayerNorm after pooling (timm's fc_norm, EVA-02)
+    proj_dim: int = 0  # > 0: a bias-free projection of the pooled feature (CLIP)
     image_size: int = 224
     # Compute options (not part of the checkpoint):
     dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
+    # Pad the token count to a multiple of this (masked keys); 0: 64 for cudnn, none for xla.
+    token_multiple: int = 0
 
     @property
     def feature_dim(self) -> int:
-        return self.width
+        return self.proj_dim or self.width
 
     @property
     def grid(self) -> int:
@@ -64,6 +91,12 @@ class ViTConfig:
             )
         return self.image_size // self.patch_size
 
+    @property
+    def pad_multiple(self) -> int:
+        if self.token_multiple:
+            return self.token_multiple
+        return 64 if self.attention == "cudnn" else 1
+
     def replace(self, **kw) -> ViTConfig:
         return dataclasses.replace(self, **kw)
 
@@ -72,25 +105,59 @@ def _dtype(cfg: ViTConfig):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}[cfg.dtype]
 
 
+def _rotate_pairs(x):
+    """timm's `rot`: [x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    return jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
+
+
 class Attention(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, rope=None, num_valid=None):
+        """x [B, N, D]; rope (sin, cos) [N, head_dim] or None; num_valid: unpadded N or None."""
         cfg, dt = self.cfg, _dtype(self.cfg)
         b, n, d = x.shape
         hd = d // cfg.heads
-        dense = lambda name: nn.Dense(d, use_bias=cfg.qkv_bias, dtype=dt, name=name)
-        q, k, v = (
-            dense(name)(x).reshape(b, n, cfg.heads, hd) for name in ("query", "key", "value")
-        )
+        if cfg.qkv_fused:
+            qkv = nn.Dense(3 * d, use_bias=cfg.qkv_bias and cfg.k_bias, dtype=dt, name="qkv")(x)
+            if cfg.qkv_bias and not cfg.k_bias:
+                qb = self.param("q_bias", nn.initializers.zeros, (d,))
+                vb = self.param("v_bias", nn.initializers.zeros, (d,))
+                qkv = qkv + jnp.concatenate([qb, jnp.zeros_like(qb), vb]).astype(qkv.dtype)
+            qkv = qkv.reshape(b, n, 3, cfg.heads, hd)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            bias = {
+                "query": cfg.qkv_bias,
+                "key": cfg.qkv_bias and cfg.k_bias,
+                "value": cfg.qkv_bias,
+            }
+            q, k, v = (
+                nn.Dense(d, use_bias=bias[name], dtype=dt, name=name)(x).reshape(
+                    b, n, cfg.heads, hd
+                )
+                for name in ("query", "key", "value")
+            )
+        if rope is not None:
+            sin, cos = (t[None, :, None, :] for t in rope)
+            # At least float32, cast back: as timm, whose sin/cos stay float32 under autocast.
+            q = (q * cos + _rotate_pairs(q) * sin).astype(dt)
+            k = (k * cos + _rotate_pairs(k) * sin).astype(dt)
         if cfg.attention == "xla":
             # Softmax in at least float32 (bf16 logits lose too much), at full width otherwise.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
-            probs = jax.nn.softmax(logits.astype(jnp.promote_types(dt, jnp.float32)), axis=-1)
+            logits = logits.astype(jnp.promote_types(dt, jnp.float32))
+            if num_valid is not None:  # padding keys get no weight
+                logits = jnp.where(jnp.arange(n) < num_valid, logits, -jnp.inf)
+            probs = jax.nn.softmax(logits, axis=-1)
             o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
+            lengths = None if num_valid is None else jnp.full((b,), num_valid, jnp.int32)
+            o = jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=lengths, implementation=cfg.attention
+            )
         return nn.Dense(d, dtype=dt, name="out")(o.reshape(b, n, d))
 
 
@@ -100,14 +167,22 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.cfg, _dtype(self.cfg)
-        h = nn.Dense(cfg.mlp_dim, dtype=dt, name="fc1")(x)
+        dense = lambda features, name: nn.Dense(features, dtype=dt, name=name)
         if cfg.mlp == "gelu":
-            h = jax.nn.gelu(h, approximate=False)
+            h = jax.nn.gelu(dense(cfg.mlp_dim, "fc1")(x), approximate=False)
         elif cfg.mlp == "quick_gelu":
+            h = dense(cfg.mlp_dim, "fc1")(x)
             h = h * jax.nn.sigmoid(1.702 * h)
+        elif cfg.mlp == "swiglu":
+            h = jax.nn.silu(dense(cfg.mlp_dim, "fc1_g")(x)) * dense(cfg.mlp_dim, "fc1_x")(x)
+        elif cfg.mlp == "swiglu_packed":
+            gate, h = jnp.split(dense(2 * cfg.mlp_dim, "fc1")(x), 2, axis=-1)
+            h = jax.nn.silu(gate) * h
         else:
             raise ValueError(f"unknown mlp type {cfg.mlp!r}")
-        return nn.Dense(cfg.width, dtype=dt, name="fc2")(h)
+        if cfg.mlp_norm:
+            h = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(h)
+        return dense(cfg.width, "fc2")(h)
 
 
 class LayerScale(nn.Module):
@@ -121,11 +196,11 @@ class Block(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, rope=None, num_valid=None):
         cfg, dt = self.cfg, _dtype(self.cfg)
         norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name=name)
         scale = (lambda name: LayerScale(name=name)) if cfg.layer_scale else (lambda name: None)
-        h = Attention(cfg, name="attn")(norm("norm1")(x))
+        h = Attention(cfg, name="attn")(norm("norm1")(x), rope, num_valid)
         ls1 = scale("ls1")
         x = x + (ls1(h) if ls1 else h)
         h = Mlp(cfg, name="mlp")(norm("norm2")(x))
@@ -134,7 +209,7 @@ class Block(nn.Module):
 
 
 def resize_pos_grid(table: jax.Array, grid: int, mode: str = "size") -> jax.Array:
-    """Resize a [G*G, D] position-embedding grid to [grid*grid, D] with PyTorch's bicubic."""
+    """Resize a [G*G, D] position-embedding grid to [grid*grid, D] as PyTorch's bicubic does."""
     src = int(round(np.sqrt(table.shape[0])))
     if src * src != table.shape[0]:
         raise ValueError(f"position embedding of {table.shape[0]} entries is not a square grid")
@@ -144,12 +219,60 @@ def resize_pos_grid(table: jax.Array, grid: int, mode: str = "size") -> jax.Arra
         a = resample.bicubic_matrix(src, grid)
     elif mode == "hub":
         a = resample.bicubic_matrix(src, grid, scale=src / (grid + 0.1))
+    elif mode == "antialias":
+        a = resample.bicubic_aa_matrix(src, grid)
     else:
-        raise ValueError(f"unknown position-embedding resize mode {mode!r}; use 'size' or 'hub'")
+        raise ValueError(
+            f"unknown position-embedding resize mode {mode!r}; use 'size', 'antialias' or 'hub'"
+        )
     t = table.astype(jnp.float32).reshape(src, src, -1)
     t = jnp.einsum("ph,hwd->pwd", a, t, precision=resample.HIGHEST)
     t = jnp.einsum("qw,pwd->pqd", a, t, precision=resample.HIGHEST)
     return t.reshape(grid * grid, -1).astype(table.dtype)
+
+
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """MoCo-v3's fixed position embedding of a grid x grid patch grid: [grid*grid, dim].
+
+    As `build_2d_sincos_position_embedding` in MoCo-v3's vits.py, including its meshgrid quirk:
+    the first half of the channels encodes the row index, the second half the column index.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float32) / np.float32(dim // 4))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    out_r = rows.reshape(-1, 1).astype(np.float32) * omega.astype(np.float32)
+    out_c = cols.reshape(-1, 1).astype(np.float32) * omega.astype(np.float32)
+    return np.concatenate([np.sin(out_r), np.cos(out_r), np.sin(out_c), np.cos(out_c)], 1).astype(
+        np.float32
+    )
+
+
+def rope_tables(cfg: ViTConfig, grid: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """EVA-02's rotary embedding (timm `RotaryEmbeddingCat`, in_pixels=False) as (sin, cos).
+
+    Each [num_tokens, head_dim]: a quarter of the head's channel pairs rotate with the row
+    coordinate and a quarter with the column, at frequencies theta^(-k/(hd/4)); coordinates are
+    i * ref/grid so any grid spans the pre-training one. Prefix tokens (CLS, registers) and
+    padding get the identity rotation (sin 0, cos 1), as timm leaves prefix tokens unrotated.
+    """
+    hd = cfg.width // cfg.heads
+    nb = hd // 4
+    bands = (1.0 / cfg.rope_theta ** (np.arange(nb, dtype=np.float32) / np.float32(nb))).astype(
+        np.float32
+    )
+    t = np.arange(grid, dtype=np.float32)
+    if cfg.rope_ref_grid:
+        t = (t / np.float32(grid) * np.float32(cfg.rope_ref_grid)).astype(np.float32)
+    rows, cols = np.meshgrid(t, t, indexing="ij")
+    pos = np.stack([rows, cols], -1)[..., None] * bands  # [g, g, 2, nb]
+    pos = np.repeat(pos.reshape(grid * grid, 2 * nb), 2, axis=-1)  # interleaved pairs
+    start = 1 + cfg.reg_tokens
+    sin = np.zeros((num_tokens, hd), np.float32)
+    cos = np.ones((num_tokens, hd), np.float32)
+    sin[start : start + grid * grid] = np.sin(pos)
+    cos[start : start + grid * grid] = np.cos(pos)
+    return sin, cos
 
 
 class ViT(nn.Module):
@@ -164,7 +287,13 @@ class ViT(nn.Module):
             raise ValueError(f"images must be square multiples of {p} px, got {h}x{w}")
         g = h // p
         x = nn.Conv(
-            cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dt, name="patch_embed"
+            cfg.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=dt,
+            name="patch_embed",
         )(images.astype(dt)).reshape(b, g * g, cfg.width)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.width)), x], axis=1)
@@ -174,16 +303,45 @@ class ViT(nn.Module):
             )
             patch_pos = resize_pos_grid(pos[0, 1:], g, cfg.pos_resize)
             x = x + jnp.concatenate([pos[0, :1], patch_pos], axis=0).astype(dt)[None]
-        else:
+        elif cfg.pos_embed == "sincos":
+            table = np.concatenate([np.zeros((1, cfg.width), np.float32), sincos_2d(g, cfg.width)])
+            x = x + jnp.asarray(table, dt)[None]
+        elif cfg.pos_embed != "none":
             raise ValueError(f"unknown position embedding {cfg.pos_embed!r}")
+        if cfg.reg_tokens:  # registers go after CLS and carry no position embedding
+            reg = self.param(
+                "reg_tokens", nn.initializers.normal(0.02), (1, cfg.reg_tokens, cfg.width)
+            )
+            reg = jnp.broadcast_to(reg.astype(dt), (b, cfg.reg_tokens, cfg.width))
+            x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+        if cfg.pre_norm:
+            x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="pre_norm")(x)
+        n = x.shape[1]
+        padded = -(-n // cfg.pad_multiple) * cfg.pad_multiple
+        num_valid = None
+        if padded != n:
+            x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0)))
+            num_valid = n
+        rope = None
+        if cfg.rope:
+            rope = tuple(jnp.asarray(t) for t in rope_tables(cfg, g, padded))
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.depth):
-            x = block(cfg, name=f"blocks_{i}")(x)
-        x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(x)
+            x = block(cfg, name=f"blocks_{i}")(x, rope, num_valid)
+        if cfg.final_norm:
+            x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(x)
         if cfg.pool == "cls":
             feat = x[:, 0]
+        elif cfg.pool == "avg":
+            start = 1 + cfg.reg_tokens
+            patches = x[:, start : start + g * g]
+            feat = patches.astype(jnp.promote_types(dt, jnp.float32)).mean(axis=1).astype(dt)
         else:
             raise ValueError(f"unknown pooling {cfg.pool!r}")
+        if cfg.fc_norm:
+            feat = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="fc_norm")(feat)
+        if cfg.proj_dim:
+            feat = nn.Dense(cfg.proj_dim, use_bias=False, dtype=dt, name="proj")(feat)
         return feat.astype(jnp.promote_types(dt, jnp.float32))
 
 

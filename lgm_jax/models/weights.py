@@ -4,8 +4,10 @@ A family's mapping is pure data: a list of (regex over the PyTorch key, Flax pat
 a list of PyTorch keys that inference never reads (e.g. DINOv2's mask token). A PyTorch
 `weight` lands on the Flax `kernel` or `scale` the model has there, and the layout follows from
 the Flax leaf name: a 2-D `kernel` is a transposed Linear weight, a 4-D `kernel`
-a Conv2d weight [O, I, kh, kw] -> [kh, kw, I, O]; everything else is copied. No torch here:
-state dicts arrive as NumPy arrays (safetensors, or converted by tools/convert_weights.py).
+a Conv2d weight [O, I, kh, kw] -> [kh, kw, I, O]; everything else is copied, and may gain
+or lose dimensions of size one (CLIP's class_embedding [D] is the model's cls_token [1, 1, D]).
+No torch here: state dicts arrive as NumPy arrays (safetensors, or converted by
+tools/convert_weights.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def convert(
             continue
         value = _to_flax_layout(path, np.asarray(value))
         want = tuple(flat_expected[path].shape)
+        if value.shape != want and _squeezed(value.shape) == _squeezed(want):
+            value = value.reshape(want)  # e.g. CLIP's class_embedding [D] -> cls_token [1, 1, D]
         if value.shape != want:
             bad_shape.append(f"{key}: checkpoint {value.shape}, model expects {want} at {path}")
             continue
@@ -75,6 +79,10 @@ def convert(
             + "\nCheck that the checkpoint is of the family and size the config names."
         )
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _squeezed(shape) -> tuple:
+    return tuple(s for s in shape if s != 1)
 
 
 def _paths_of(bad_shape: list[str]) -> set[str]:

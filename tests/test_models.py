@@ -1,0 +1,198 @@
+"""Backbone registry and ViT options: parameter counts, strict loading, padding, LGM step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from lgm_jax import augment, lgm
+from lgm_jax.models import dinov2, registry, weights
+from lgm_jax.models.vit import param_shapes
+
+FULL = [n for n in registry.NAMES if not n.endswith("_tiny")]
+TINY = [n for n in registry.NAMES if n.endswith("_tiny")]
+
+
+def _torch_full(name):
+    """(the PyTorch model of a full-size backbone on the meta device, params it lacks in ours)."""
+    import timm
+    import transformers
+
+    family, size = name.split("_", 1)
+    with torch.device("meta"):
+        if family == "dinov2":
+            dims = {
+                "vits": (384, 12, 6),
+                "vitb": (768, 12, 12),
+                "vitl": (1024, 24, 16),
+                "vitb_reg": (768, 12, 12),
+            }[size]
+            kw = dict(
+                hidden_size=dims[0],
+                num_hidden_layers=dims[1],
+                num_attention_heads=dims[2],
+                intermediate_size=4 * dims[0],
+                image_size=518,
+                patch_size=14,
+            )
+            if size.endswith("reg"):
+                model = transformers.Dinov2WithRegistersModel(
+                    transformers.Dinov2WithRegistersConfig(**kw)
+                )
+            else:
+                model = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+            return model, {"embeddings.mask_token"}
+        if family == "clip":
+            patch, w, d, h, proj = {
+                "vitb32": (32, 768, 12, 12, 512),
+                "vitb": (16, 768, 12, 12, 512),
+                "vitl": (14, 1024, 24, 16, 768),
+            }[size]
+            cfg = transformers.CLIPVisionConfig(
+                hidden_size=w,
+                intermediate_size=4 * w,
+                num_hidden_layers=d,
+                num_attention_heads=h,
+                patch_size=patch,
+                image_size=224,
+                projection_dim=proj,
+            )
+            return transformers.CLIPVisionModelWithProjection(cfg), set()
+        arch = {"vitt": "tiny", "vits": "small", "vitb": "base", "vitl": "large"}[size]
+        if family == "eva02":
+            return timm.create_model(f"eva02_{arch}_patch14_224", num_classes=0), set()
+        kw = {"num_heads": 12} if (family, size) == ("mocov3", "vits") else {}
+        model = timm.create_model(f"vit_{arch}_patch16_224", num_classes=0, **kw)
+        return model, {"pos_embed"} if family == "mocov3" else set()
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_size_parameter_count(name):
+    backbone = registry.get(name)
+    ours = weights.count_params(param_shapes(backbone.config))
+    model, not_ours = _torch_full(name)
+    theirs = sum(p.numel() for k, p in model.named_parameters() if k not in not_ours)
+    assert ours == theirs, f"{name}: {ours:,} parameters, PyTorch {theirs:,}"
+
+
+def test_registry_names():
+    assert set(FULL) == {
+        "dinov2_vits",
+        "dinov2_vitb",
+        "dinov2_vitl",
+        "dinov2_vitb_reg",
+        "clip_vitb32",
+        "clip_vitb",
+        "clip_vitl",
+        "eva02_vitt",
+        "eva02_vits",
+        "eva02_vitb",
+        "eva02_vitl",
+        "mocov3_vits",
+        "mocov3_vitb",
+        "mocov3_vitl",
+        "dino_vits",
+        "dino_vitb",
+    }
+    assert registry.get("clip_vitb").feature_dim == 512
+    assert registry.get("eva02_vitl").feature_dim == 1024
+    assert registry.get("dinov2_vitb").mean == lgm.IMAGENET_MEAN
+    with pytest.raises(ValueError, match="unknown backbone"):
+        registry.get("resnet50")
+
+
+def _tiny_state():
+    import transformers
+
+    cfg = transformers.Dinov2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    model = transformers.Dinov2Model(cfg)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return dinov2.config_from_hf(cfg.to_dict(), image_size=28), state
+
+
+def test_checkpoint_mismatch_names_each_key():
+    cfg, state = _tiny_state()
+    dinov2.to_flax(state, cfg)  # the intact checkpoint loads
+    del state["encoder.layer.0.norm2.bias"]
+    state["encoder.layer.0.surprise.weight"] = np.zeros(3, np.float32)
+    state["layernorm.weight"] = np.zeros(31, np.float32)
+    with pytest.raises(weights.CheckpointMismatch) as err:
+        dinov2.to_flax(state, cfg)
+    msg = str(err.value)
+    assert "encoder.layer.0.surprise.weight" in msg  # extra
+    assert "blocks_0/norm2/bias" in msg  # missing
+    assert "layernorm.weight" in msg and "(31,)" in msg  # wrong shape
+
+
+def test_converted_dir_round_trip_and_mismatch(tmp_path):
+    backbone, params = registry.build("eva02_tiny", depth=1)
+    registry.save_converted(str(tmp_path), backbone, params)
+    loaded, params2 = registry.build("eva02_tiny", weights_dir=str(tmp_path), dtype="bfloat16")
+    assert loaded.config == backbone.config.replace(dtype="bfloat16")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+    bad = registry.get("eva02_tiny", depth=1, width=32, heads=2, mlp_dim=85)
+    registry.save_converted(
+        str(tmp_path), registry.Backbone("eva02_tiny", "eva02", bad.config), params
+    )
+    with pytest.raises(weights.CheckpointMismatch, match="patch_embed/kernel"):
+        registry.build("eva02_tiny", weights_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["dinov2_reg_tiny", "eva02_tiny", "clip_tiny"])
+def test_token_padding_leaves_features_unchanged(name):
+    """Padding the token count (as for cuDNN) and masking the padding keys changes nothing."""
+    backbone, params = registry.build(name, depth=1)
+    s = backbone.image_size
+    x = jax.random.normal(jax.random.key(1), (2, s, s, 3))
+    plain = jax.jit(registry.features_fn(backbone))(params, x)
+    padded = registry.Backbone(name, backbone.family, backbone.config.replace(token_multiple=8))
+    out = jax.jit(registry.features_fn(padded))(params, x)
+    np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_same_gradient():
+    backbone, params = registry.build("dinov2_tiny", depth=1)
+    x = jax.random.normal(jax.random.key(2), (2, 28, 28, 3))
+    remat = registry.Backbone("dinov2_tiny", "dinov2", backbone.config.replace(remat=True))
+    grads = [
+        jax.grad(lambda x, b=b: registry.features_fn(b)(params, x).sum())(x)
+        for b in (backbone, remat)
+    ]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+# The most unusual family always runs; the others are marked slow (a jitted step each).
+STEP_NAMES = [n if n == "eva02_tiny" else pytest.param(n, marks=pytest.mark.slow) for n in TINY]
+
+
+@pytest.mark.parametrize("name", STEP_NAMES)
+def test_lgm_step_runs_with_each_family(name):
+    """One jitted LGM update through each family's tiny backbone: finite, non-zero gradient."""
+    backbone, params = registry.build(name, depth=1)  # one block: the step's maths is the same
+    features = registry.features_fn(backbone)
+    cfg = lgm.StepConfig(
+        num_classes=2,
+        aug_rounds=1,
+        syn_res=32,
+        augment=augment.AugmentConfig(out_res=backbone.image_size),
+    )
+    tx = lgm.optimizer()
+    state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=(1, 2, 4))
+    before = [np.asarray(x) for x in state.levels]
+    step = lgm.make_step(features, backbone.feature_dim, tx, cfg)
+    real = jax.random.uniform(jax.random.key(2), (cfg.num_real, 32, 32, 3))
+    labels = jnp.arange(cfg.num_real) % cfg.num_classes
+    state, metrics = step(state, params, real, labels)
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["grad_norm"]) > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(before, state.levels, strict=True))
