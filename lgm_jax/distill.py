@@ -314,8 +314,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
                              step, last, float(m["loss"]), rate,
                              rate * 2 * step_cfg.num_real, len(state.levels),
                              time.strftime("%H:%M:%S", time.gmtime(eta)))  # fmt: skip
-                    _write_scalars(writer, done, {"loss": float(m["loss"]), "steps_per_s": rate,
-                                                  "images_per_s": rate * 2 * step_cfg.num_real})
+                    _write_scalars(
+                        writer,
+                        done,
+                        {
+                            "loss": float(m["loss"]),
+                            "steps_per_s": rate,
+                            "images_per_s": rate * 2 * step_cfg.num_real,
+                        },
+                    )
             if bool(metrics["finite"]):
                 nonfinite_run = 0
             else:  # the update was skipped inside the step
