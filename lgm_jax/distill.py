@@ -56,16 +56,27 @@ def _get(config, dotted):
 def step_config(config, num_classes: int) -> lgm.StepConfig:
     a = config.augment
     aug = augment.AugmentConfig(
-        mode=a.mode, out_res=config.image_res, flip_p=a.flip_p,
-        crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio), noise_p=a.noise_p,
-        noise_std=a.noise_std, noise_mean=a.noise_mean,
-    )  # fmt: skip
+        mode=a.mode,
+        out_res=config.image_res,
+        flip_p=a.flip_p,
+        crop_scale=tuple(a.crop_scale),
+        crop_ratio=tuple(a.crop_ratio),
+        noise_p=a.noise_p,
+        noise_std=a.noise_std,
+        noise_mean=a.noise_mean,
+    )
     return lgm.StepConfig(
-        num_classes=num_classes, ipc=config.ipc, aug_rounds=config.aug_rounds,
-        syn_res=config.syn_res, decorrelate_colors=config.decorrelate_colors, augment=aug,
-        mean=tuple(config.mean), std=tuple(config.std), chunk_size=config.chunk_size or None,
+        num_classes=num_classes,
+        ipc=config.ipc,
+        aug_rounds=config.aug_rounds,
+        syn_res=config.syn_res,
+        decorrelate_colors=config.decorrelate_colors,
+        augment=aug,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        chunk_size=config.chunk_size or None,
         real_input=config.real_input,
-    )  # fmt: skip
+    )
 
 
 def start_resolutions(config) -> list[int]:
@@ -124,8 +135,13 @@ def export(state: lgm.State, config, workdir: str, class_names) -> str:
     labels = np.repeat(np.arange(len(class_names), dtype=np.int32), config.ipc)
     path = os.path.join(workdir, "synthetic.npz")
     tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images, labels=labels, class_names=np.asarray(class_names, dtype=str),
-             step=int(state.step))  # fmt: skip
+    np.savez(
+        tmp,
+        images=images,
+        labels=labels,
+        class_names=np.asarray(class_names, dtype=str),
+        step=int(state.step),
+    )
     os.replace(tmp, path)
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
     for c in range(len(class_names)):
@@ -147,9 +163,11 @@ def _to_saveable(state: lgm.State) -> dict:
 
 def _from_saveable(tree: dict) -> lgm.State:
     return lgm.State(
-        step=tree["step"], levels=tuple(tree["levels"]), opt_state=tree["opt_state"],
+        step=tree["step"],
+        levels=tuple(tree["levels"]),
+        opt_state=tree["opt_state"],
         rng=jax.random.wrap_key_data(tree["rng"]),
-    )  # fmt: skip
+    )
 
 
 def identity(config, num_classes: int) -> dict:
@@ -160,16 +178,21 @@ def identity(config, num_classes: int) -> dict:
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)  # fmt: skip
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
 
 
 def save_checkpoint(mngr, state, meta) -> None:
     step = int(state.step)
     if step in mngr.all_steps():
         return
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)))  # fmt: skip
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
     mngr.wait_until_finished()
 
 
@@ -193,8 +216,9 @@ def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict):
         levels = pyramid.extend(jax.random.key(0), levels, config.pyramid.init_mode)
     shaped = template.replace(levels=levels, opt_state=tx.init(levels))
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _to_saveable(shaped))
-    tree = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]  # fmt: skip
+    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+        "state"
+    ]
     return _from_saveable(tree), meta
 
 
@@ -231,9 +255,13 @@ def _real_source(config, ds, step_cfg, process_index, process_count):
 
     source = ds.source("train")
     batches = pipeline.TrainBatches(
-        source, pipeline.shard_indices(len(source), process_index, process_count),
-        per_process, config.seed, config.syn_res, process_index,
-    )  # fmt: skip
+        source,
+        pipeline.shard_indices(len(source), process_index, process_count),
+        per_process,
+        config.seed,
+        config.syn_res,
+        process_index,
+    )
 
     def from_images(step):
         b = batches(step)  # batch `step` of the shuffled epochs: no iterator state to replay
@@ -263,8 +291,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     params = jax.device_put(params, replicated)
     tx = lgm.optimizer(config.lr)
 
-    template = lgm.init_state(jax.random.key(config.seed), step_cfg, tx,
-                              start_resolutions(config), config.pyramid.init_mode)  # fmt: skip
+    template = lgm.init_state(
+        jax.random.key(config.seed),
+        step_cfg,
+        tx,
+        start_resolutions(config),
+        config.pyramid.init_mode,
+    )
     mngr = checkpoint_manager(workdir, config)
     ident = identity(config, num_classes)
     restored = restore_checkpoint(mngr, config, template, tx, ident)
@@ -286,8 +319,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
 
     def meta_now(s):
-        return {"identity": ident, "num_levels": len(s.levels), "step": int(s.step),
-                "nonfinite_steps": nonfinite_total}  # fmt: skip
+        return {
+            "identity": ident,
+            "num_levels": len(s.levels),
+            "step": int(s.step),
+            "nonfinite_steps": nonfinite_total,
+        }
 
     nonfinite_total, nonfinite_run = 0, 0
     t_last, s_last = time.time(), start
@@ -310,10 +347,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
                 t_last, s_last = now, done
                 eta = (last + 1 - done) / max(rate, 1e-9)
                 if is_main:
-                    log.info("step %5d/%d  loss %.5f  %.2f steps/s  %.0f img/s  levels %d  ETA %s",
-                             step, last, float(m["loss"]), rate,
-                             rate * 2 * step_cfg.num_real, len(state.levels),
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))  # fmt: skip
+                    log.info(
+                        "step %5d/%d  loss %.5f  %.2f steps/s  %.0f img/s  levels %d  ETA %s",
+                        step,
+                        last,
+                        float(m["loss"]),
+                        rate,
+                        rate * 2 * step_cfg.num_real,
+                        len(state.levels),
+                        time.strftime("%H:%M:%S", time.gmtime(eta)),
+                    )
                     _write_scalars(
                         writer,
                         done,
@@ -336,8 +379,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
                     )
             if config.image_every and done % config.image_every == 0 and is_main:
                 os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-                save_grid(to_images(state.levels, config),
-                          os.path.join(workdir, "images", f"step_{done:06d}.png"))  # fmt: skip
+                save_grid(
+                    to_images(state.levels, config),
+                    os.path.join(workdir, "images", f"step_{done:06d}.png"),
+                )
             if stop["sigterm"]:
                 log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
                 save_checkpoint(mngr, state, meta_now(state))
