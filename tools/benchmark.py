@@ -134,13 +134,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def vit_config(backbone: str, image_res: int, dtype: str, remat: bool):
+def vit_config(backbone: str, image_res: int, dtype: str, remat: bool, attention: str = "xla"):
     from lgm_jax.models import dinov2
 
     if backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
     name = BACKBONES[backbone]
-    kw = dict(image_size=image_res, dtype=dtype, remat=remat)
+    kw = dict(image_size=image_res, dtype=dtype, remat=remat, attention=attention)
     if name is None:  # tiny: width 64, depth 2, heads 4, patch 14
         return dinov2.variant("S/14", width=64, depth=2, heads=4, mlp_dim=256, pos_grid=4, **kw)
     return dinov2.variant(name, **kw)
@@ -185,7 +185,7 @@ def build(args):
     from lgm_jax import augment, lgm, pyramid
     from lgm_jax.models.vit import ViT
 
-    vcfg = vit_config(args.backbone, args.image_res, args.dtype, args.remat)
+    vcfg = vit_config(args.backbone, args.image_res, args.dtype, args.remat, args.attention)
     cfg = lgm.StepConfig(
         num_classes=args.classes,
         ipc=args.ipc,
@@ -284,6 +284,7 @@ def run(args) -> dict:
                 "chunk",
                 "dtype",
                 "remat",
+                "attention",
                 "syn_res",
                 "image_res",
                 "real_res",
@@ -405,7 +406,7 @@ def setting_argv(args) -> list[str]:
     """The flags of one run (everything but classes, chunk, the mode and the output)."""
     out = []
     for k in ("backbone", "ipc", "aug_rounds", "real", "dtype", "steps", "warmup", "syn_res",
-              "image_res", "real_res"):  # fmt: skip
+              "image_res", "real_res", "attention"):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             out += ["--" + k.replace("_", "-"), str(v)]
@@ -436,6 +437,7 @@ def parse(argv):
     p.add_argument("--chunk", type=int, default=None, help="rows per backbone call")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--syn-res", type=int, default=256)
