@@ -63,6 +63,8 @@ BACKBONES = {  # name: dinov2 variant (or None for the tiny test model)
     "tiny": None,
 }
 
+_COMMIT: list[str] = []
+
 FIELDS = (
     "device_kind",
     "platform",
@@ -119,6 +121,9 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout ("-dirty" when tracked files differ); read once, at start-up."""
+    if _COMMIT:
+        return _COMMIT[0]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(
@@ -129,9 +134,10 @@ def git_commit() -> str:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
+        _COMMIT.append(out + ("-dirty" if dirty else ""))
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        _COMMIT.append("unknown")
+    return _COMMIT[0]
 
 
 def vit_config(backbone: str, image_res: int, dtype: str, remat: bool, attention: str = "xla"):
@@ -462,6 +468,7 @@ def parse(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    git_commit()  # before the (long) run, so later edits to the checkout do not show
     if args.memory_scaling:
         result = memory_scaling(args)
     elif args.sweep:
