@@ -58,3 +58,19 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert r["config"]["classes"] == 2 and r["config"]["chunk"] == 2
     assert 0 <= r["loss"] <= 2
     assert "step (median" in proc.stdout
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "exp.py"
+    cfg.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=None):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.num_classes = 2 if arg == 'smoke' else 100\n"
+        "    c.aug_rounds = 10\n"
+        "    c.step = ml_collections.ConfigDict({'chunk_size': 64, 'real_input': 'features'})\n"
+        "    return c\n"
+    )
+    args = benchmark.parse(["--config", f"{cfg}:smoke", "--aug-rounds", "3"])
+    assert (args.classes, args.aug_rounds, args.chunk, args.real) == (2, 3, 64, "features")
+    assert benchmark.parse(["--config", str(cfg)]).classes == 100
