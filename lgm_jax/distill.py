@@ -234,15 +234,22 @@ def build_backbone(config):
     return registry.features_fn(backbone), params, backbone.feature_dim
 
 
-def _real_source(config, ds, step_cfg, process_index, process_count):
+def _real_source(config, ds, step_cfg, params, process_index, process_count):
     """A function step -> (real rows, labels) for this process, deterministic in the step."""
     per_process = step_cfg.num_real // process_count
     if config.real_input == "features":
         from lgm_jax.data import feature_cache
 
-        cache = feature_cache.FeatureCache.open(
-            config.feature_cache, expect={"dataset": config.dataset, "res": config.syn_res}
-        )
+        if not config.feature_cache:
+            raise ValueError("real_input='features' needs --config.feature_cache=DIR")
+        # The cache must hold this backbone's (same weights) features of this dataset.
+        expect = {
+            "dataset": ds.name,
+            "backbone": config.backbone,
+            "res": config.syn_res,
+            "fingerprint": feature_cache.fingerprint(params),
+        }
+        cache = feature_cache.FeatureCache.open(config.feature_cache, expect=expect)
 
         def from_cache(step):
             feats, labels = cache.sample(config.seed, step, step_cfg.num_real)
@@ -313,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     state = jax.device_put(state, replicated)
 
     step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
-    real_at, _ = _real_source(config, ds, step_cfg, pidx, pcount)
+    real_at, _ = _real_source(config, ds, step_cfg, params, pidx, pcount)
     writer = _summary_writer(workdir) if is_main else None
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))

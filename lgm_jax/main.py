@@ -13,7 +13,9 @@ from ml_collections import config_flags
 
 from lgm_jax import config_base, distill
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and outputs")
 flags.mark_flags_as_required(["config", "workdir"])
 
