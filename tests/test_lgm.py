@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -51,7 +52,10 @@ def _meta_setup(tiny_vit, cfg):
     model, params, _ = tiny_vit
     features = lambda p, x: model.apply({"params": p}, x)
     levels = pyramid.init(jax.random.key(1), cfg.num_syn, [1, 2, 4])
-    probe, real_aug, syn_aug = lgm.draws(jax.random.key(2), 32, cfg)
+    k_probe, k_real, k_syn = lgm.step_keys(jax.random.key(2), 0)
+    probe = lgm.sample_probe(k_probe, cfg.num_classes, 32, cfg.probe_std)
+    real_aug = augment.sample(k_real, cfg.num_real, cfg.augment)
+    syn_aug = augment.sample(k_syn, cfg.num_real, cfg.augment)
     real = jax.random.uniform(jax.random.key(3), (cfg.num_real, 32, 32, 3))
     # Skewed real labels and a wide probe keep g_real and g_syn apart, so the loss is well above
     # float32 rounding and its gradient is informative.
@@ -109,7 +113,7 @@ def test_train_step_updates_and_skips_non_finite(tiny_vit):
     tx = lgm.optimizer()
     state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
     features = lambda p, x: model.apply({"params": p}, x)
-    step = lgm.jit_train_step(features, 32, tx, cfg)
+    step = lgm.make_step(features, 32, tx, cfg)
     real = jnp.asarray(
         np.random.default_rng(0).integers(0, 256, (cfg.num_real, 32, 32, 3)), jnp.uint8
     )
@@ -127,9 +131,99 @@ def test_train_step_updates_and_skips_non_finite(tiny_vit):
         np.testing.assert_array_equal(a, b)
 
 
-def test_step_draws_depend_only_on_step_number(tiny_vit):
-    cfg = _step_cfg()
-    a = lgm.draws(jax.random.fold_in(jax.random.key(5), 7), 32, cfg)
-    b = lgm.draws(jax.random.fold_in(jax.random.key(5), 7), 32, cfg)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(x, y)
+def test_row_draws_do_not_depend_on_how_the_batch_is_split():
+    cfg = augment.AugmentConfig(out_res=16)
+    whole = augment.sample_rows(jax.random.key(5), jnp.arange(6), cfg)
+    part = augment.sample_rows(jax.random.key(5), jnp.arange(3, 6), cfg)
+    for k in whole:
+        np.testing.assert_array_equal(whole[k][3:], part[k])
+    keys_a, keys_b = lgm.step_keys(jax.random.key(1), 7), lgm.step_keys(jax.random.key(1), 7)
+    for a, b in zip(keys_a, keys_b):
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+
+
+def _grad_setup(tiny_vit, **kw):
+    model, params, _ = tiny_vit
+    features = lambda p, x: model.apply({"params": p}, x)
+    cfg = _step_cfg(num_classes=4, probe_std=1.0, **kw)
+    levels = pyramid.init(jax.random.key(0), cfg.num_syn, [1, 2, 4])
+    real = jnp.asarray(
+        np.random.default_rng(0).integers(0, 256, (cfg.num_real, 32, 32, 3)), jnp.uint8
+    )
+    labels = jnp.array([0, 1, 2, 3, 0, 0, 1, 2], jnp.int32)
+    keys = lgm.step_keys(jax.random.key(3), 11)
+    ref = jax.jit(functools.partial(lgm.reference_grad, features=features, feat_dim=32, cfg=cfg))
+    return (
+        features,
+        cfg,
+        (levels, params, real, labels, keys),
+        ref(levels, params, real, labels, keys),
+    )
+
+
+def _assert_grads_close(got, want, rtol=2e-5):
+    (l1, g1), (l0, g0) = got, want
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    for a, b in zip(g1, g0):
+        scale = float(jnp.abs(b).max())
+        assert scale > 0
+        np.testing.assert_allclose(a, b, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_chunked_meta_grad_equals_direct_autodiff(tiny_vit, chunk):
+    features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk)
+    fn = functools.partial(lgm.meta_grad, features=features, feat_dim=32, cfg=cfg)
+    _assert_grads_close(jax.jit(fn)(*args), want)
+
+
+@pytest.mark.parametrize("devices, chunk", [(8, None), (2, 2), (4, 1)])
+def test_sharded_meta_grad_equals_single_device(tiny_vit, devices, chunk):
+    assert jax.device_count() == 8, "tests expect 8 fake CPU devices (see conftest.py)"
+    features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk)
+    mesh = lgm.data_mesh(jax.devices()[:devices])
+    P = jax.sharding.PartitionSpec
+    fn = jax.shard_map(
+        functools.partial(
+            lgm.meta_grad,
+            features=features,
+            feat_dim=32,
+            cfg=cfg,
+            axis="data",
+            num_devices=devices,
+        ),
+        mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data"), P()),
+        out_specs=(P(), P()),
+    )
+    _assert_grads_close(jax.jit(fn)(*args), want)
+
+
+def test_sharded_step_equals_single_device_step(tiny_vit):
+    features, cfg, (levels, params, real, labels, _), _ = _grad_setup(tiny_vit, chunk_size=1)
+    tx = lgm.optimizer()
+    state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
+    one = lgm.make_step(features, 32, tx, cfg)
+    many = lgm.make_step(features, 32, tx, cfg, mesh=lgm.data_mesh())
+    s1, s8 = state, jax.tree_util.tree_map(jnp.copy, state)
+    for _ in range(2):
+        s1, m1 = one(s1, params, real, labels)
+        s8, m8 = many(s8, params, real, labels)
+        assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), rel=1e-5)
+    for a, b in zip(s1.levels, s8.levels):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cached_real_features_give_the_same_step(tiny_vit):
+    features, cfg, (levels, params, real, labels, keys), want = _grad_setup(tiny_vit)
+    aug = augment.sample_rows(keys[1], jnp.arange(cfg.num_real), cfg.augment)
+    z_real = lgm.real_features(features, params, real, aug, cfg)
+    cached = dataclasses.replace(cfg, real_input="features")
+    fn = functools.partial(lgm.meta_grad, features=features, feat_dim=32, cfg=cached)
+    _assert_grads_close(jax.jit(fn)(levels, params, z_real, labels, keys), want)
+
+
+def test_batch_that_does_not_split_over_devices_is_refused(tiny_vit):
+    features, cfg, *_ = _grad_setup(tiny_vit)
+    with pytest.raises(ValueError, match="does not split"):
+        lgm.make_step(features, 32, lgm.optimizer(), cfg, mesh=lgm.data_mesh(jax.devices()[:3]))

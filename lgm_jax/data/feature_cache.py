@@ -35,7 +35,7 @@ import importlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -333,12 +333,16 @@ def _as_seed(rng_or_seed) -> int:
 # ---------------------------------------------------------------- command line
 
 
-def load_backbone(spec: str) -> tuple[Callable, object, str]:
-    """(features, params, name) from a spec: "dinov2:<dir>" (transformers DINOv2 directory),
-    "tiny-random" (a 1-block random ViT for smoke runs), or "factory:<module>:<function>[:arg]"
-    (a function returning (features, params, name))."""
-    from lgm_jax.models import dinov2, vit
+def load_backbone(spec: str, weights: str | None = None, image_size: int = 224):
+    """(features, params, name) from a spec: a registry name such as "dinov2_vitb" (with
+    `weights`, a directory of converted weights; random weights without), "dinov2:<dir>" (a
+    transformers DINOv2 directory), "tiny-random" (a 1-block random ViT for smoke runs), or
+    "factory:<module>:<function>[:arg]" (a function returning (features, params, name))."""
+    from lgm_jax.models import dinov2, registry, vit
 
+    if spec in registry.NAMES:
+        backbone, params = registry.build(spec, weights or None, image_size=image_size)
+        return registry.features_fn(backbone), params, spec
     kind, _, rest = spec.partition(":")
     if kind == "dinov2":
         cfg, params = dinov2.load(rest)
@@ -358,7 +362,8 @@ def load_backbone(spec: str) -> tuple[Callable, object, str]:
         f = getattr(importlib.import_module(module), fn)
         return f(arg) if arg else f()
     raise ValueError(
-        f"unknown backbone spec {spec!r}: use dinov2:<dir>, tiny-random or factory:..."
+        f"unknown backbone spec {spec!r}: use a registry name ({', '.join(registry.NAMES)}), "
+        "dinov2:<dir>, tiny-random or factory:..."
     )
 
 
@@ -366,7 +371,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="a lgm_jax.data.get_dataset name")
     p.add_argument("--data_dir", default=None, help="tfds data directory")
-    p.add_argument("--backbone", required=True, help="dinov2:<dir> | tiny-random | factory:...")
+    p.add_argument(
+        "--backbone", required=True, help="registry name | dinov2:<dir> | tiny-random | factory:..."
+    )
+    p.add_argument("--weights", default=None, help="converted weights for a registry name")
     p.add_argument("--views", type=int, default=10, help="augmented views M per image")
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--split", default="train")
@@ -380,7 +388,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=8, help="image decoding threads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    features, params, name = load_backbone(a.backbone)
+    features, params, name = load_backbone(a.backbone, a.weights, a.out_res)
     aug = augment.AugmentConfig(
         mode="train", out_res=a.out_res, noise_mean=a.noise_mean, noise_std=a.noise_std
     )

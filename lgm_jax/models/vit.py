@@ -190,7 +190,9 @@ class Mlp(nn.Module):
 class LayerScale(nn.Module):
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.constant(1e-5), (x.shape[-1],))
+        # Checkpoints overwrite this; a random network (tests, demos, benchmarks) starts at 1 so
+        # that its features depend on the image (at DINOv2's 1e-5 they barely do).
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         return x * scale.astype(x.dtype)
 
 

@@ -1,0 +1,22 @@
+"""Flowers-102 (train split), DINOv2 ViT-B/14, K = 10.
+
+    python -m lgm_jax.main --config=configs/flowers.py --workdir=workdirs/flowers \\
+        --config.weights=weights/dinov2_vitb
+
+Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
+(docs/backbones.md). 5001 updates; expected result:
+see the paper's fine-grained table.
+Append `:smoke` to the config path (configs/flowers.py:smoke) for a 3-step run with a tiny random
+backbone that checks the data and the plumbing on a CPU.
+"""
+
+from lgm_jax.config_base import base, smoke
+
+
+def get_config(arg=None):
+    c = base()
+    c.dataset = "flowers"
+    c.num_classes = 102
+    c.aug_rounds = 10
+    c.chunk_size = 100
+    return smoke(c) if arg == "smoke" else c

@@ -1,0 +1,22 @@
+"""ImageNet-100 (the CMC class list), DINOv2 ViT-B/14, K = 10.
+
+    python -m lgm_jax.main --config=configs/in100.py --workdir=workdirs/in100 \\
+        --config.weights=weights/dinov2_vitb
+
+Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
+(docs/backbones.md). 5001 updates; expected result:
+91.5% top-1 (DINOv2 probe on the distilled images, paper Table 1).
+Append `:smoke` to the config path (configs/in100.py:smoke) for a 3-step run with a tiny random
+backbone that checks the data and the plumbing on a CPU.
+"""
+
+from lgm_jax.config_base import base, smoke
+
+
+def get_config(arg=None):
+    c = base()
+    c.dataset = "imagenet100"
+    c.num_classes = 100
+    c.aug_rounds = 10
+    c.chunk_size = 100
+    return smoke(c) if arg == "smoke" else c

@@ -1,0 +1,22 @@
+"""ImageNet-1k, DINOv2 ViT-B/14, K = 3 (as the reference).
+
+    python -m lgm_jax.main --config=configs/in1k.py --workdir=workdirs/in1k \\
+        --config.weights=weights/dinov2_vitb
+
+Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
+(docs/backbones.md). 5001 updates; expected result:
+75.0% top-1 (paper Table 1).
+Append `:smoke` to the config path (configs/in1k.py:smoke) for a 3-step run with a tiny random
+backbone that checks the data and the plumbing on a CPU.
+"""
+
+from lgm_jax.config_base import base, smoke
+
+
+def get_config(arg=None):
+    c = base()
+    c.dataset = "imagenet1k"
+    c.num_classes = 1000
+    c.aug_rounds = 3
+    c.chunk_size = 100
+    return smoke(c) if arg == "smoke" else c

@@ -1,0 +1,69 @@
+"""Defaults shared by every experiment config (configs/*.py start from `base()`)."""
+
+import ml_collections
+
+from lgm_jax import lgm
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.dataset = "imagenet100"
+    c.data_dir = ""  # tfds data_dir or image-folder root; "" for the default
+    c.num_classes = 0  # if > 0, the dataset must have exactly this many classes
+    c.backbone = "dinov2_vitb"
+    c.weights = ""  # directory of converted Flax weights (tools/convert_weights.py); "" = random
+    c.image_res = 224  # backbone input resolution
+    c.dtype = "bfloat16"  # backbone compute: "float32" or "bfloat16"
+    c.remat = False  # rematerialise backbone blocks in the backward pass
+    c.mean = lgm.IMAGENET_MEAN
+    c.std = lgm.IMAGENET_STD
+
+    c.ipc = 1  # synthetic images per class
+    c.aug_rounds = 10  # K: augmented copies of each synthetic image per step
+    c.syn_res = 256
+    c.decorrelate_colors = True
+    c.pyramid = ml_collections.ConfigDict()
+    c.pyramid.pixels = False  # True: plain pixels at syn_res (the "no pyramid" ablation)
+    c.pyramid.start_res = 1
+    c.pyramid.grow_every = 200
+    c.pyramid.init_mode = "noise"  # or "zero"
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.mode = "train"  # "train", or "off" for the "no augmentation" ablation
+    c.augment.flip_p = 0.5
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    c.augment.noise_p = 0.5
+    c.augment.noise_std = 0.2
+    c.augment.noise_mean = 0.0
+
+    c.lr = 2e-3
+    c.steps = 5000  # runs steps 0..steps (steps + 1 updates), as the reference
+    c.seed = 3407
+    c.chunk_size = 0  # rows per backbone call per device; 0 = the whole per-device batch
+    c.real_input = "images"  # or "features" (from a real-feature cache)
+    c.feature_cache = ""  # directory written by `python -m lgm_jax.data.feature_cache`
+
+    c.log_every = 10
+    c.image_every = 500
+    c.checkpoint_every = 250
+    c.keep_checkpoints = 3
+    c.max_nonfinite = 20  # consecutive non-finite steps before the run stops
+    c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a config to a few CPU steps with a tiny random backbone (same data, same code)."""
+    c.backbone = "dinov2_tiny"
+    c.weights = ""
+    c.image_res = 28
+    c.dtype = "float32"
+    c.syn_res = 32
+    c.aug_rounds = 1
+    c.chunk_size = 0
+    c.steps = 2
+    c.log_every = 1
+    c.image_every = 0
+    c.checkpoint_every = 0
+    return c

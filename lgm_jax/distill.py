@@ -1,0 +1,423 @@
+"""The distillation run: mesh, data, backbone, restore or init, grow, step, log, checkpoint, export.
+
+    distill.run(config, workdir)
+
+Everything random in a step comes from `fold_in(key, step)` and the real batch of step s is
+batch s of the data pipeline, so a run resumed from a checkpoint produces the same synthetic
+images as one that was never interrupted. Adding a pyramid level is a host-side event between
+jitted steps (the state's shapes change and the step re-traces).
+
+Workdir layout:
+    checkpoints/<step>/     orbax checkpoints (state + run metadata), the last few kept
+    synthetic.npz           images uint8 [N, res, res, 3], labels int32 [N] (at the end)
+    images/step_<s>.png     a grid of the synthetic images every `image_every` steps
+    images/class_<c>.png    one PNG per class at the end
+    config.json             the run's config
+    events.*                TensorBoard metrics (loss, steps/s, images/s)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lgm_jax import augment, lgm, pyramid
+
+log = logging.getLogger("lgm_jax")
+
+# Settings that define what a checkpoint is of: a workdir holding a checkpoint that differs in
+# any of these belongs to another run and is refused.
+IDENTITY_KEYS = ("dataset", "backbone", "ipc", "syn_res", "image_res", "pyramid.pixels")
+
+
+class RunMismatch(ValueError):
+    """The workdir holds a checkpoint of a different run."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The meta-loss stayed non-finite for too many steps in a row."""
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def step_config(config, num_classes: int) -> lgm.StepConfig:
+    a = config.augment
+    aug = augment.AugmentConfig(
+        mode=a.mode,
+        out_res=config.image_res,
+        flip_p=a.flip_p,
+        crop_scale=tuple(a.crop_scale),
+        crop_ratio=tuple(a.crop_ratio),
+        noise_p=a.noise_p,
+        noise_std=a.noise_std,
+        noise_mean=a.noise_mean,
+    )
+    return lgm.StepConfig(
+        num_classes=num_classes,
+        ipc=config.ipc,
+        aug_rounds=config.aug_rounds,
+        syn_res=config.syn_res,
+        decorrelate_colors=config.decorrelate_colors,
+        augment=aug,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        chunk_size=config.chunk_size or None,
+        real_input=config.real_input,
+    )
+
+
+def start_resolutions(config) -> list[int]:
+    """Levels at the start: [syn_res] for plain pixels, else start_res and everything coarser
+    (normally just [1])."""
+    if config.pyramid.pixels:
+        return [config.syn_res]
+    return pyramid.resolutions(1, config.pyramid.start_res)
+
+
+def should_grow(config, step: int, finest: int) -> bool:
+    """A level is added at steps 1 + k * grow_every (k >= 1) until the finest reaches syn_res."""
+    every = config.pyramid.grow_every
+    return (
+        not config.pyramid.pixels
+        and finest < config.syn_res
+        and step > 1
+        and (step - 1) % every == 0
+    )
+
+
+def levels_at(config, step: int) -> int:
+    """Number of pyramid levels in force when `step` is about to run (after any growth)."""
+    n = len(start_resolutions(config))
+    finest = start_resolutions(config)[-1]
+    for s in range(2, step + 1):
+        if should_grow(config, s, finest):
+            n, finest = n + 1, finest * 2
+    return n
+
+
+def to_images(levels, config) -> np.ndarray:
+    """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3]."""
+    x = pyramid.decode(levels, config.syn_res, config.decorrelate_colors)
+    return np.asarray(jnp.round(jnp.clip(x, 0, 1) * 255), np.uint8)
+
+
+def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> None:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    tmp = path + ".tmp.png"
+    Image.fromarray(canvas).save(tmp)
+    os.replace(tmp, path)
+
+
+def export(state: lgm.State, config, workdir: str, class_names) -> str:
+    """Write synthetic.npz and one PNG per class (atomically)."""
+    images = to_images(state.levels, config)
+    labels = np.repeat(np.arange(len(class_names), dtype=np.int32), config.ipc)
+    path = os.path.join(workdir, "synthetic.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(
+        tmp,
+        images=images,
+        labels=labels,
+        class_names=np.asarray(class_names, dtype=str),
+        step=int(state.step),
+    )
+    os.replace(tmp, path)
+    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    for c in range(len(class_names)):
+        save_grid(images[labels == c], os.path.join(workdir, "images", f"class_{c}.png"))
+    return path
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _to_saveable(state: lgm.State) -> dict:
+    return {
+        "step": state.step,
+        "levels": list(state.levels),
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+def _from_saveable(tree: dict) -> lgm.State:
+    return lgm.State(
+        step=tree["step"],
+        levels=tuple(tree["levels"]),
+        opt_state=tree["opt_state"],
+        rng=jax.random.wrap_key_data(tree["rng"]),
+    )
+
+
+def identity(config, num_classes: int) -> dict:
+    out = {k: _get(config, k) for k in IDENTITY_KEYS}
+    out["num_classes"] = num_classes
+    return out
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
+
+
+def save_checkpoint(mngr, state, meta) -> None:
+    step = int(state.step)
+    if step in mngr.all_steps():
+        return
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict):
+    """The latest checkpoint as (state, meta), or None. Refuses another run's checkpoint."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved = meta.get("identity", {})
+    diffs = {k: (saved.get(k), v) for k, v in ident.items() if saved.get(k) != v}
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+        raise RunMismatch(
+            f"{mngr.directory} holds a checkpoint of a different run ({detail}). "
+            "Use a new --workdir, or set the config back to match the checkpoint."
+        )
+    # Rebuild the state's structure at that step: levels grown to meta["num_levels"].
+    levels = template.levels
+    while len(levels) < meta["num_levels"]:
+        levels = pyramid.extend(jax.random.key(0), levels, config.pyramid.init_mode)
+    shaped = template.replace(levels=levels, opt_state=tx.init(levels))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _to_saveable(shaped))
+    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+        "state"
+    ]
+    return _from_saveable(tree), meta
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build_backbone(config):
+    """(features_fn, params, feature_dim) for config.backbone (converted weights if given)."""
+    from lgm_jax.models import registry
+
+    overrides = dict(image_size=config.image_res, dtype=config.dtype, remat=config.remat)
+    backbone, params = registry.build(config.backbone, config.weights or None, **overrides)
+    return registry.features_fn(backbone), params, backbone.feature_dim
+
+
+def _real_source(config, ds, step_cfg, params, process_index, process_count):
+    """A function step -> (real rows, labels) for this process, deterministic in the step."""
+    per_process = step_cfg.num_real // process_count
+    if config.real_input == "features":
+        from lgm_jax.data import feature_cache
+
+        if not config.feature_cache:
+            raise ValueError("real_input='features' needs --config.feature_cache=DIR")
+        # The cache must hold this backbone's (same weights) features of this dataset.
+        expect = {
+            "dataset": ds.name,
+            "backbone": config.backbone,
+            "res": config.syn_res,
+            "fingerprint": feature_cache.fingerprint(params),
+        }
+        cache = feature_cache.FeatureCache.open(config.feature_cache, expect=expect)
+
+        def from_cache(step):
+            feats, labels = cache.sample(config.seed, step, step_cfg.num_real)
+            sl = slice(process_index * per_process, (process_index + 1) * per_process)
+            return feats[sl], labels[sl]
+
+        return from_cache, None
+
+    from lgm_jax.data import pipeline
+
+    source = ds.source("train")
+    batches = pipeline.TrainBatches(
+        source,
+        pipeline.shard_indices(len(source), process_index, process_count),
+        per_process,
+        config.seed,
+        config.syn_res,
+        process_index,
+    )
+
+    def from_images(step):
+        b = batches(step)  # batch `step` of the shuffled epochs: no iterator state to replay
+        return b["image"], b["label"]
+
+    return from_images, batches
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
+    """Distil config.dataset into config.ipc images per class; returns the final state."""
+    from lgm_jax import data
+
+    if config.get("distributed", False):
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+    ds = data.get_dataset(config.dataset, config.data_dir or None)
+    if config.get("num_classes"):
+        data.check_num_classes(ds, config.num_classes)
+    num_classes = ds.num_classes
+    step_cfg = step_config(config, num_classes)
+    mesh = lgm.data_mesh()
+    pidx, pcount = jax.process_index(), jax.process_count()
+    is_main = pidx == 0
+    features, params, feat_dim = build_backbone(config)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(params, replicated)
+    tx = lgm.optimizer(config.lr)
+
+    template = lgm.init_state(
+        jax.random.key(config.seed),
+        step_cfg,
+        tx,
+        start_resolutions(config),
+        config.pyramid.init_mode,
+    )
+    mngr = checkpoint_manager(workdir, config)
+    ident = identity(config, num_classes)
+    restored = restore_checkpoint(mngr, config, template, tx, ident)
+    if restored is None:
+        state, start = template, 0
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+    else:
+        state, _ = restored
+        start = int(state.step)
+        log.info("resumed from step %d (%d levels)", start, len(state.levels))
+    state = jax.device_put(state, replicated)
+
+    step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
+    real_at, _ = _real_source(config, ds, step_cfg, params, pidx, pcount)
+    writer = _summary_writer(workdir) if is_main else None
+    stop = {"sigterm": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+
+    def meta_now(s):
+        return {
+            "identity": ident,
+            "num_levels": len(s.levels),
+            "step": int(s.step),
+            "nonfinite_steps": nonfinite_total,
+        }
+
+    nonfinite_total, nonfinite_run = 0, 0
+    t_last, s_last = time.time(), start
+    last = config.steps  # the reference runs steps 0..steps inclusive
+    try:
+        for step in range(start, last + 1):
+            finest = state.levels[-1].shape[1]
+            if should_grow(config, step, finest):
+                state = jax.device_put(lgm.grow(state, tx, config.pyramid.init_mode), replicated)
+                log.info("step %d: pyramid grows to %d px", step, finest * 2)
+            real, labels = real_at(step)
+            real = jax.make_array_from_process_local_data(sharded, np.asarray(real))
+            labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels, np.int32))
+            state, metrics = step_fn(state, params, real, labels)
+            done = step + 1
+            if done % config.log_every == 0 or step == last:
+                m = jax.device_get(metrics)
+                now = time.time()
+                rate = (done - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, done
+                eta = (last + 1 - done) / max(rate, 1e-9)
+                if is_main:
+                    log.info(
+                        "step %5d/%d  loss %.5f  %.2f steps/s  %.0f img/s  levels %d  ETA %s",
+                        step,
+                        last,
+                        float(m["loss"]),
+                        rate,
+                        rate * 2 * step_cfg.num_real,
+                        len(state.levels),
+                        time.strftime("%H:%M:%S", time.gmtime(eta)),
+                    )
+                    _write_scalars(
+                        writer,
+                        done,
+                        {
+                            "loss": float(m["loss"]),
+                            "steps_per_s": rate,
+                            "images_per_s": rate * 2 * step_cfg.num_real,
+                        },
+                    )
+            if bool(metrics["finite"]):
+                nonfinite_run = 0
+            else:  # the update was skipped inside the step
+                nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+                log.warning("step %d: non-finite meta-loss, update skipped", step)
+                if config.max_nonfinite and nonfinite_run >= config.max_nonfinite:
+                    raise NonFiniteLoss(
+                        f"the meta-loss was non-finite for {nonfinite_run} steps in a row (up "
+                        f"to step {step}); the last good checkpoint in {mngr.directory} is "
+                        "kept. Lower the learning rate or use float32 compute."
+                    )
+            if config.image_every and done % config.image_every == 0 and is_main:
+                os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+                save_grid(
+                    to_images(state.levels, config),
+                    os.path.join(workdir, "images", f"step_{done:06d}.png"),
+                )
+            if stop["sigterm"]:
+                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
+                save_checkpoint(mngr, state, meta_now(state))
+                raise SystemExit(143)
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                save_checkpoint(mngr, state, meta_now(state))
+        save_checkpoint(mngr, state, meta_now(state))
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        if writer is not None:
+            writer.close()
+    if is_main:
+        path = export(state, config, workdir, ds.class_names)
+        log.info("wrote %s (%d non-finite steps skipped)", path, nonfinite_total)
+    return state
+
+
+def _summary_writer(workdir):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # metrics still go to the log
+        return None
+    return SummaryWriter(workdir)
+
+
+def _write_scalars(writer, step, scalars):
+    if writer is None:
+        return
+    for k, v in scalars.items():
+        writer.add_scalar(k, v, step)
+    writer.flush()

@@ -1,0 +1,76 @@
+"""tools/benchmark.py: the FLOP count against SPEC's figure, and one tiny run end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import benchmark  # noqa: E402
+
+
+def test_vit_b14_forward_flops_match_spec():
+    # SPEC: "A ViT-B/14 forward at 224 px is about 46.3 GFLOP per image".
+    cfg = benchmark.vit_config("dinov2_vitb", 224, "bfloat16", False)
+    assert benchmark.vit_flops(cfg) / 1e9 == pytest.approx(46.3, abs=0.05)
+
+
+def test_vit_flops_by_hand():
+    # width 4, depth 1, mlp 8, patch 2 at 4 px: 4 patches + CLS = 5 tokens.
+    cfg = benchmark.vit_config("tiny", 28, "float32", False).replace(
+        width=4, depth=1, mlp_dim=8, patch_size=2, image_size=4
+    )
+    patch = 4 * (2 * 2 * 3) * 4
+    block = 3 * 5 * 4 * 4 + 5 * 5 * 4 + 5 * 5 * 4 + 5 * 4 * 4 + 2 * 5 * 4 * 8
+    assert benchmark.vit_flops(cfg) == 2 * (patch + block)
+
+
+def test_peak_table():
+    assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 790.0
+    assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_tiny_run_writes_every_field(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--backbone", "tiny"]
+    cmd += ["--classes", "2", "--aug-rounds", "2", "--chunk", "2", "--dtype", "float32"]
+    cmd += ["--steps", "3", "--warmup", "1", "--syn-res", "32", "--image-res", "28"]
+    cmd += ["--json", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert set(benchmark.FIELDS) <= set(r)
+    assert r["compile_s"] > 0
+    assert 0 < r["step_s_p10"] <= r["step_s_median"] <= r["step_s_p90"]
+    assert r["syn_images_per_s"] == pytest.approx(4 / r["step_s_median"])
+    assert r["real_images_per_s"] == pytest.approx(4 / r["step_s_median"])
+    assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["step_s_median"] / 1e12)
+    assert r["peak_fraction"] is None  # CPU: no peak in the table
+    assert r["mem_source"] == "memory_analysis" and r["peak_mem_bytes"] > 0
+    assert r["compiled_mem"]["temp"] > 0
+    assert r["platform"] == "cpu" and r["jax_version"] and len(r["git_commit"]) >= 7
+    assert r["config"]["classes"] == 2 and r["config"]["chunk"] == 2
+    assert 0 <= r["loss"] <= 2
+    assert "step (median" in proc.stdout
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "exp.py"
+    cfg.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=None):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.num_classes = 2 if arg == 'smoke' else 100\n"
+        "    c.aug_rounds = 10\n"
+        "    c.step = ml_collections.ConfigDict({'chunk_size': 64, 'real_input': 'features'})\n"
+        "    return c\n"
+    )
+    args = benchmark.parse(["--config", f"{cfg}:smoke", "--aug-rounds", "3"])
+    assert (args.classes, args.aug_rounds, args.chunk, args.real) == (2, 3, 64, "features")
+    assert benchmark.parse(["--config", str(cfg)]).classes == 100

@@ -1,0 +1,113 @@
+"""The distillation run end to end on the bundled digits: outputs, resume, refusals."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A tiny run: 4 px synthetic images (levels 1, 2, 4), growth at steps 4 and 7, 10 updates.
+TINY = [
+    "--config=configs/demo.py",
+    "--config.syn_res=4",
+    "--config.aug_rounds=1",
+    "--config.steps=9",
+    "--config.pyramid.grow_every=3",
+    "--config.checkpoint_every=2",
+    "--config.log_every=1",
+    "--config.image_every=0",
+]
+
+
+def _env(tmp_path_factory):
+    env = dict(os.environ)
+    # Later runs reuse earlier runs' compiled steps: the resume tests cost little extra.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    return env
+
+
+def _start(workdir, env, *extra):
+    cmd = [sys.executable, "-m", "lgm_jax.main", f"--workdir={workdir}", *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _run(workdir, env, *extra):
+    proc = _start(workdir, env, *extra)
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return _env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """An uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    rc, out = _run(workdir, env)
+    assert rc == 0, out
+    return workdir
+
+
+def test_run_writes_images_labels_and_pngs(reference):
+    z = np.load(reference / "synthetic.npz")
+    assert z["images"].shape == (10, 4, 4, 3) and z["images"].dtype == np.uint8
+    np.testing.assert_array_equal(z["labels"], np.arange(10))
+    assert int(z["step"]) == 10
+    assert len(list((reference / "images").glob("class_*.png"))) == 10
+    assert (reference / "config.json").exists()
+    assert list(reference.glob("events.out.tfevents.*"))
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (workdir / "checkpoints" / str(step)).is_dir():
+            return
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it was interrupted:\n" + proc.stdout.read())
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint at step {step} after {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_the_same_images(reference, env, tmp_path, sig):
+    proc = _start(tmp_path, env)
+    _wait_for_checkpoint(tmp_path, 4, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # a clean stop: a checkpoint at the step it reached
+        assert proc.returncode in (143, -signal.SIGTERM), out
+    assert not (tmp_path / "synthetic.npz").exists() or proc.returncode == 0
+    rc, out = _run(tmp_path, env)
+    assert rc == 0, out
+    assert "resumed from step" in out
+    want, got = np.load(reference / "synthetic.npz"), np.load(tmp_path / "synthetic.npz")
+    np.testing.assert_array_equal(got["images"], want["images"])
+
+
+def test_workdir_of_another_run_is_refused(reference, env, tmp_path):
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "w")
+    rc, out = _run(tmp_path / "w", env, "--config.syn_res=8")
+    assert rc == 2, out
+    assert "different run" in out and "syn_res" in out
+
+
+def test_unknown_config_key_and_backbone_are_refused(env, tmp_path):
+    rc, out = _run(tmp_path, env, "--config.learning_rate=1")
+    assert rc != 0 and "unknown config key" in out and "learning_rate" in out
+    rc, out = _run(tmp_path, env, "--config.backbone=dinov9")
+    assert rc == 2 and "unknown backbone 'dinov9'" in out
