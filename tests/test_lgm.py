@@ -102,7 +102,7 @@ def test_bfloat16_meta_loss_close_to_float32(tiny_vit):
     model16 = vit.ViT(vcfg.replace(dtype="bfloat16"))
     f16 = lambda p, x: model16.apply({"params": p}, x)
     _, loss16 = _meta_setup((model16, params, vcfg), cfg)
-    l32, l16 = float(loss32(levels)), float(loss16(levels))
+    l32, l16 = float(jax.jit(loss32)(levels)), float(jax.jit(loss16)(levels))
     assert abs(l16 - l32) <= 2e-2 * abs(l32), (l32, l16)
     assert f16(params, jnp.zeros((1, 28, 28, 3))).dtype == jnp.float32
 
@@ -142,7 +142,12 @@ def test_row_draws_do_not_depend_on_how_the_batch_is_split():
         np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
 
 
+_REFERENCE = {}
+
+
 def _grad_setup(tiny_vit, **kw):
+    """A 4-class problem, its step inputs, and (loss, grads) by direct autodiff (computed once:
+    the reference does not depend on the chunking settings that the tests vary)."""
     model, params, _ = tiny_vit
     features = lambda p, x: model.apply({"params": p}, x)
     cfg = _step_cfg(num_classes=4, probe_std=1.0, **kw)
@@ -152,13 +157,12 @@ def _grad_setup(tiny_vit, **kw):
     )
     labels = jnp.array([0, 1, 2, 3, 0, 0, 1, 2], jnp.int32)
     keys = lgm.step_keys(jax.random.key(3), 11)
-    ref = jax.jit(functools.partial(lgm.reference_grad, features=features, feat_dim=32, cfg=cfg))
-    return (
-        features,
-        cfg,
-        (levels, params, real, labels, keys),
-        ref(levels, params, real, labels, keys),
-    )
+    args = (levels, params, real, labels, keys)
+    if id(model) not in _REFERENCE:
+        ref_cfg = _step_cfg(num_classes=4, probe_std=1.0)
+        fn = functools.partial(lgm.reference_grad, features=features, feat_dim=32, cfg=ref_cfg)
+        _REFERENCE[id(model)] = jax.jit(fn)(*args)
+    return features, cfg, args, _REFERENCE[id(model)]
 
 
 def _assert_grads_close(got, want, rtol=2e-5):
@@ -170,14 +174,14 @@ def _assert_grads_close(got, want, rtol=2e-5):
         np.testing.assert_allclose(a, b, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3])
+@pytest.mark.parametrize("chunk", [None, 3])
 def test_chunked_meta_grad_equals_direct_autodiff(tiny_vit, chunk):
     features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk)
     fn = functools.partial(lgm.meta_grad, features=features, feat_dim=32, cfg=cfg)
     _assert_grads_close(jax.jit(fn)(*args), want)
 
 
-@pytest.mark.parametrize("devices, chunk", [(8, None), (2, 2), (4, 1)])
+@pytest.mark.parametrize("devices, chunk", [(8, None), (2, 1)])
 def test_sharded_meta_grad_equals_single_device(tiny_vit, devices, chunk):
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (see conftest.py)"
     features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk)
