@@ -44,6 +44,14 @@ def base() -> ml_collections.ConfigDict:
     c.real_input = "images"  # or "features" (from a real-feature cache)
     c.feature_cache = ""  # directory written by `python -m lgm_jax.data.feature_cache`
 
+    # The paper's linear-probe evaluation of the result, run at the end (python -m
+    # lgm_jax.evaluate does the same on any workdir later).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = False
+    c.eval.seeds = 5
+    c.eval.epochs = 1000
+    c.eval.mode = "exact"  # or "fast" (precomputed features of augmented views)
+
     c.log_every = 10
     c.image_every = 500
     c.checkpoint_every = 250

@@ -404,7 +404,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     if is_main:
         path = export(state, config, workdir, ds.class_names)
         log.info("wrote %s (%d non-finite steps skipped)", path, nonfinite_total)
+        if config.eval.at_end:
+            evaluate_run(config, workdir)
     return state
+
+
+def evaluate_run(config, workdir: str) -> dict:
+    """The paper's probe protocol on the run's synthetic images, with the distillation
+    backbone; writes workdir/eval/<backbone>/eval.json."""
+    from lgm_jax import evaluate
+
+    result = evaluate.evaluate(
+        [workdir],
+        config.backbone,
+        dataset=config.dataset,
+        weights=config.weights or None,
+        seeds=config.eval.seeds,
+        epochs=config.eval.epochs,
+        mode=config.eval.mode,
+        image_res=config.syn_res,
+    )
+    log.info("evaluation: %s", evaluate.format_row(result))
+    return result
 
 
 def _summary_writer(workdir):

@@ -1,5 +1,6 @@
 """The distillation run end to end on the bundled digits: outputs, resume, refusals."""
 
+import json
 import os
 import pathlib
 import signal
@@ -21,6 +22,7 @@ TINY = [
     "--config.checkpoint_every=2",
     "--config.log_every=1",
     "--config.image_every=0",
+    "--config.eval.at_end=false",
 ]
 
 
@@ -36,8 +38,9 @@ def _env(tmp_path_factory):
 
 def _start(workdir, env, *extra):
     cmd = [sys.executable, "-m", "lgm_jax.main", f"--workdir={workdir}", *TINY, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _run(workdir, env, *extra):
@@ -55,7 +58,9 @@ def env(tmp_path_factory):
 def reference(tmp_path_factory, env):
     """An uninterrupted run."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    rc, out = _run(workdir, env)
+    rc, out = _run(
+        workdir, env, "--config.eval.at_end=true", "--config.eval.epochs=3", "--config.eval.seeds=2"
+    )
     assert rc == 0, out
     return workdir
 
@@ -68,6 +73,8 @@ def test_run_writes_images_labels_and_pngs(reference):
     assert len(list((reference / "images").glob("class_*.png"))) == 10
     assert (reference / "config.json").exists()
     assert list(reference.glob("events.out.tfevents.*"))
+    result = json.loads((reference / "eval" / "dinov2_tiny" / "eval.json").read_text())
+    assert len(result["top1"]["per_seed"]) == 2 and 0 <= result["top1"]["mean"] <= 100
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):
