@@ -157,7 +157,7 @@ def _to_saveable(state: lgm.State) -> dict:
         "step": state.step,
         "levels": list(state.levels),
         "opt_state": state.opt_state,
-        "rng": jax.random.key_data(state.rng),
+        "rng": state.rng,
     }
 
 
@@ -166,7 +166,7 @@ def _from_saveable(tree: dict) -> lgm.State:
         step=tree["step"],
         levels=tuple(tree["levels"]),
         opt_state=tree["opt_state"],
-        rng=jax.random.wrap_key_data(tree["rng"]),
+        rng=tree["rng"],
     )
 
 

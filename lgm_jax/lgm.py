@@ -75,7 +75,9 @@ class State:
     step: jax.Array  # int32 []: the number of updates done
     levels: pyramid.Levels  # coarse to fine, each [N, r, r, 3]
     opt_state: optax.OptState
-    rng: jax.Array  # base key; step s draws from fold_in(rng, s)
+    # The run's key as raw uint32 data (jax.random.key_data), so the state is plain arrays that
+    # device_put, shard and checkpoint like any other; step s draws from fold_in(key, s).
+    rng: jax.Array
 
 
 def optimizer(lr: float = 2e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -91,12 +93,17 @@ def syn_labels(cfg: StepConfig) -> jax.Array:
 def init_state(rng, cfg: StepConfig, tx, start_res: Sequence[int] = (1,), mode="noise") -> State:
     k_init, k_run = jax.random.split(rng)
     levels = pyramid.init(k_init, cfg.num_syn, start_res, mode)
-    return State(step=jnp.zeros((), jnp.int32), levels=levels, opt_state=tx.init(levels), rng=k_run)
+    return State(
+        step=jnp.zeros((), jnp.int32),
+        levels=levels,
+        opt_state=tx.init(levels),
+        rng=jax.random.key_data(k_run),
+    )
 
 
 def grow(state: State, tx, mode: str = "noise") -> State:
     """Add the next finer pyramid level and reset the optimizer state of every level."""
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1 << 20)
+    key = jax.random.fold_in(jax.random.fold_in(_key(state.rng), state.step), 1 << 20)
     levels = pyramid.extend(key, state.levels, mode)
     return state.replace(levels=levels, opt_state=tx.init(levels))
 
@@ -179,10 +186,15 @@ def meta_loss(levels, params, probe, g_real, aug_params, features: FeatureFn, cf
     return match_loss(g_real, probe_grad(*probe, feats, labels))
 
 
+def _key(rng):
+    """A typed key from a typed key or raw key data."""
+    return rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+
+
 def step_keys(rng, step):
     """The keys of one step, derived from the run's key and the step number alone (so a resumed
     run replays exactly the draws of an uninterrupted one): probe, real and synthetic draws."""
-    k_probe, k_real, k_syn = jax.random.split(jax.random.fold_in(rng, step), 3)
+    k_probe, k_real, k_syn = jax.random.split(jax.random.fold_in(_key(rng), step), 3)
     return k_probe, k_real, k_syn
 
 
