@@ -1,12 +1,14 @@
 """Two LGM steps on a tiny ViT, for tests/test_multiprocess.py.
 
-`setup()` and `run_steps()` are shared by the test (one process, 8 devices) and by this script,
-which runs as one of several processes joined with `jax.distributed`:
+The test process (one process, 8 devices) builds the inputs with `setup()`, saves them with
+`save_inputs()` and runs `run_steps()`; this script runs the same steps as one of several
+processes joined with `jax.distributed`:
 
-    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES OUT.npz
+    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES INPUTS.npz OUT.npz
 
-Each process puts its own contiguous block of the global real batch on its local devices, as
-`distill.run` does, and writes the final levels and the step losses to OUT.npz.
+It loads the inputs instead of initialising the model again (eager initialisation costs more
+CPU than the steps), puts its own contiguous block of the global real batch on its local devices
+as `distill.run` does, and writes the final levels and the step losses to OUT.npz.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import numpy as np
 NUM_STEPS = 2
 
 
-def setup():
-    """(features, cfg, tx, state, params, real [8, 32, 32, 3] uint8, labels [8]) on the host."""
-    import jax
-    import jax.numpy as jnp
-
+def build():
+    """The static part: (model, features, step config, optimizer)."""
     from lgm_jax import augment, lgm
     from lgm_jax.models import dinov2, vit
 
@@ -30,7 +29,6 @@ def setup():
         width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, image_size=28, layer_scale=False
     )
     model = vit.ViT(vcfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
     features = lambda p, x: model.apply({"params": p}, x)
     cfg = lgm.StepConfig(
         num_classes=4,
@@ -41,11 +39,62 @@ def setup():
         chunk_size=1,
         augment=augment.AugmentConfig(out_res=28),
     )
-    tx = lgm.optimizer()
-    state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
+    return model, features, cfg, lgm.optimizer()
+
+
+def _init(model, cfg, tx):
+    import jax
+    import jax.numpy as jnp
+
+    from lgm_jax import lgm
+
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
+    return params, lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
+
+
+def setup():
+    """(params, state, real [8, 32, 32, 3] uint8, labels [8] int32): the inputs of the steps."""
+    model, _, cfg, tx = build()
+    params, state = _init(model, cfg, tx)
     real = np.random.default_rng(0).integers(0, 256, (cfg.num_real, 32, 32, 3)).astype(np.uint8)
     labels = np.array([0, 1, 2, 3, 0, 0, 1, 2], np.int32)
-    return features, cfg, tx, state, params, real, labels
+    return params, state, real, labels
+
+
+def _is_key(x) -> bool:
+    import jax
+
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_inputs(path, inputs):
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(inputs)
+    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    np.savez(path, *[np.asarray(x) for x in leaves])
+
+
+def load_inputs(path):
+    """The inputs saved by `save_inputs`, as host arrays (a PRNG key as a key array)."""
+    import jax
+
+    model, _, cfg, tx = build()
+    # The tree structure without running the initialisers.
+    shapes = jax.eval_shape(lambda: _init(model, cfg, tx))
+    with np.load(path) as f:
+        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+    params_state = jax.tree_util.tree_leaves(shapes)
+    n = len(params_state)
+    leaves = (
+        [
+            jax.random.wrap_key_data(x) if _is_key(s) else x  # jax.random.key's default impl
+            for x, s in zip(leaves[:n], params_state)
+        ]
+        + leaves[n:]
+    )
+    treedef = jax.tree_util.tree_structure((*shapes, 0, 0))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def replicate(tree, sharding):
@@ -59,7 +108,7 @@ def replicate(tree, sharding):
     import jax
 
     def put(x):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if isinstance(x, jax.Array) and _is_key(x):
             data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         return jax.device_put(x, sharding)
@@ -67,7 +116,7 @@ def replicate(tree, sharding):
     return jax.tree_util.tree_map(put, tree)
 
 
-def run_steps(num_steps: int = NUM_STEPS):
+def run_steps(inputs, num_steps: int = NUM_STEPS):
     """`num_steps` sharded steps over all devices of all processes: (levels, losses) as numpy."""
     import jax
     from jax.sharding import NamedSharding
@@ -75,15 +124,16 @@ def run_steps(num_steps: int = NUM_STEPS):
 
     from lgm_jax import lgm
 
-    features, cfg, tx, state, params, real, labels = setup()
+    _, features, cfg, tx = build()
+    params, state, real, labels = inputs
     mesh = lgm.data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = replicate(state, replicated)
     params = replicate(params, replicated)
     per_process = cfg.num_real // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-    real = jax.make_array_from_process_local_data(sharded, real[rows])
-    labels = jax.make_array_from_process_local_data(sharded, labels[rows])
+    real = jax.make_array_from_process_local_data(sharded, np.asarray(real)[rows])
+    labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels)[rows])
     step = lgm.make_step(features, 32, tx, cfg, mesh=mesh)
     losses = []
     for _ in range(num_steps):
@@ -93,7 +143,8 @@ def run_steps(num_steps: int = NUM_STEPS):
 
 
 def main(argv):
-    port, process_id, num_processes, out = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    port, process_id, num_processes = int(argv[1]), int(argv[2]), int(argv[3])
+    inputs_path, out = argv[4], argv[5]
     import jax
 
     jax.distributed.initialize(
@@ -107,7 +158,7 @@ def main(argv):
         f"{jax.local_device_count()} local of {jax.device_count()} devices",
         flush=True,
     )
-    levels, losses = run_steps()
+    levels, losses = run_steps(load_inputs(inputs_path))
     np.savez(
         out,
         losses=losses,
