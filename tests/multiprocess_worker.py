@@ -1,0 +1,173 @@
+"""Two LGM steps on a tiny ViT, for tests/test_multiprocess.py.
+
+The test process (one process, 8 devices) builds the inputs with `setup()`, saves them with
+`save_inputs()` and runs `run_steps()`; this script runs the same steps as one of several
+processes joined with `jax.distributed`:
+
+    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES INPUTS.npz OUT.npz
+
+It loads the inputs instead of initialising the model again (eager initialisation costs more
+CPU than the steps), puts its own contiguous block of the global real batch on its local devices
+as `distill.run` does, and writes the final levels and the step losses to OUT.npz.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+NUM_STEPS = 2
+
+
+def build():
+    """The static part: (model, features, step config, optimizer)."""
+    from lgm_jax import augment, lgm
+    from lgm_jax.models import dinov2, vit
+
+    vcfg = dinov2.variant("S/14").replace(
+        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, image_size=28, layer_scale=False
+    )
+    model = vit.ViT(vcfg)
+    features = lambda p, x: model.apply({"params": p}, x)
+    cfg = lgm.StepConfig(
+        num_classes=4,
+        ipc=1,
+        aug_rounds=2,
+        syn_res=32,
+        probe_std=1.0,
+        chunk_size=1,
+        augment=augment.AugmentConfig(out_res=28),
+    )
+    return model, features, cfg, lgm.optimizer()
+
+
+def _init(model, cfg, tx):
+    import jax
+    import jax.numpy as jnp
+
+    from lgm_jax import lgm
+
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
+    return params, lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
+
+
+def setup():
+    """(params, state, real [8, 32, 32, 3] uint8, labels [8] int32): the inputs of the steps."""
+    model, _, cfg, tx = build()
+    params, state = _init(model, cfg, tx)
+    real = np.random.default_rng(0).integers(0, 256, (cfg.num_real, 32, 32, 3)).astype(np.uint8)
+    labels = np.array([0, 1, 2, 3, 0, 0, 1, 2], np.int32)
+    return params, state, real, labels
+
+
+def _is_key(x) -> bool:
+    import jax
+
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_inputs(path, inputs):
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(inputs)
+    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    np.savez(path, *[np.asarray(x) for x in leaves])
+
+
+def load_inputs(path):
+    """The inputs saved by `save_inputs`, as host arrays (a PRNG key as a key array)."""
+    import jax
+
+    model, _, cfg, tx = build()
+    # The tree structure without running the initialisers.
+    shapes = jax.eval_shape(lambda: _init(model, cfg, tx))
+    with np.load(path) as f:
+        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+    params_state = jax.tree_util.tree_leaves(shapes)
+    n = len(params_state)
+    leaves = (
+        [
+            jax.random.wrap_key_data(x) if _is_key(s) else x  # jax.random.key's default impl
+            for x, s in zip(leaves[:n], params_state)
+        ]
+        + leaves[n:]
+    )
+    treedef = jax.tree_util.tree_structure((*shapes, 0, 0))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def replicate(tree, sharding):
+    """`jax.device_put(tree, sharding)` that also works for typed PRNG keys across processes.
+
+    With several processes, `device_put` of a key array (such as `State.rng`) onto a sharding
+    that spans non-addressable devices raises "device_put's second argument must be a Device or
+    a Sharding which represents addressable devices" (JAX 0.10); plain arrays are fine. So the
+    key's raw data goes through `device_put` and is wrapped again.
+    """
+    import jax
+
+    def put(x):
+        if isinstance(x, jax.Array) and _is_key(x):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def run_steps(inputs, num_steps: int = NUM_STEPS):
+    """`num_steps` sharded steps over all devices of all processes: (levels, losses) as numpy."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lgm_jax import lgm
+
+    _, features, cfg, tx = build()
+    params, state, real, labels = inputs
+    mesh = lgm.data_mesh()
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = replicate(state, replicated)
+    params = replicate(params, replicated)
+    per_process = cfg.num_real // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    real = jax.make_array_from_process_local_data(sharded, np.asarray(real)[rows])
+    labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels)[rows])
+    step = lgm.make_step(features, 32, tx, cfg, mesh=mesh)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, params, real, labels)
+        losses.append(float(metrics["loss"]))  # replicated, so readable in every process
+    return [np.asarray(level) for level in state.levels], np.array(losses)
+
+
+def main(argv):
+    port, process_id, num_processes = int(argv[1]), int(argv[2]), int(argv[3])
+    inputs_path, out = argv[4], argv[5]
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices",
+        flush=True,
+    )
+    levels, losses = run_steps(load_inputs(inputs_path))
+    np.savez(
+        out,
+        losses=losses,
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
+        **{f"level{i}": lv for i, lv in enumerate(levels)},
+    )
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
