@@ -110,6 +110,9 @@ def levels_at(config, step: int) -> int:
 
 def to_images(levels, config) -> np.ndarray:
     """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3]."""
+    # Host copies first: the levels are replicated over every process's devices, and only the
+    # main process decodes them for export (an op on the global arrays would need them all).
+    levels = tuple(np.asarray(lvl) for lvl in levels)
     x = pyramid.decode(levels, config.syn_res, config.decorrelate_colors)
     return np.asarray(jnp.round(jnp.clip(x, 0, 1) * 255), np.uint8)
 

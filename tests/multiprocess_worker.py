@@ -61,22 +61,14 @@ def setup():
     return params, state, real, labels
 
 
-def _is_key(x) -> bool:
-    import jax
-
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def save_inputs(path, inputs):
     import jax
 
-    leaves = jax.tree_util.tree_leaves(inputs)
-    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
-    np.savez(path, *[np.asarray(x) for x in leaves])
+    np.savez(path, *[np.asarray(x) for x in jax.tree_util.tree_leaves(inputs)])
 
 
 def load_inputs(path):
-    """The inputs saved by `save_inputs`, as host arrays (a PRNG key as a key array)."""
+    """The inputs saved by `save_inputs`, as host arrays."""
     import jax
 
     model, _, cfg, tx = build()
@@ -84,36 +76,8 @@ def load_inputs(path):
     shapes = jax.eval_shape(lambda: _init(model, cfg, tx))
     with np.load(path) as f:
         leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
-    params_state = jax.tree_util.tree_leaves(shapes)
-    n = len(params_state)
-    leaves = (
-        [
-            jax.random.wrap_key_data(x) if _is_key(s) else x  # jax.random.key's default impl
-            for x, s in zip(leaves[:n], params_state)
-        ]
-        + leaves[n:]
-    )
     treedef = jax.tree_util.tree_structure((*shapes, 0, 0))
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def replicate(tree, sharding):
-    """`jax.device_put(tree, sharding)` that also works for typed PRNG keys across processes.
-
-    With several processes, `device_put` of a key array (such as `State.rng`) onto a sharding
-    that spans non-addressable devices raises "device_put's second argument must be a Device or
-    a Sharding which represents addressable devices" (JAX 0.10); plain arrays are fine. So the
-    key's raw data goes through `device_put` and is wrapped again.
-    """
-    import jax
-
-    def put(x):
-        if isinstance(x, jax.Array) and _is_key(x):
-            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return jax.device_put(x, sharding)
-
-    return jax.tree_util.tree_map(put, tree)
 
 
 def run_steps(inputs, num_steps: int = NUM_STEPS):
@@ -128,8 +92,10 @@ def run_steps(inputs, num_steps: int = NUM_STEPS):
     params, state, real, labels = inputs
     mesh = lgm.data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = replicate(state, replicated)
-    params = replicate(params, replicated)
+    # As distill.run does: the state (its key included, as raw key data) and the parameters are
+    # plain arrays, replicated over devices that span both processes.
+    state = jax.device_put(state, replicated)
+    params = jax.device_put(params, replicated)
     per_process = cfg.num_real // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     real = jax.make_array_from_process_local_data(sharded, np.asarray(real)[rows])
