@@ -147,7 +147,9 @@ def test_build_resumes_and_skips_finished_shards(tmp_path):
 
 def test_command_line(tmp_path, monkeypatch):
     features, params = _backbone()
-    monkeypatch.setattr(fc, "load_backbone", lambda spec: (features, params, spec))
+    monkeypatch.setattr(
+        fc, "load_backbone", lambda spec, weights=None, image_size=224: (features, params, spec)
+    )
     monkeypatch.setattr(sources, "get_dataset", lambda name, data_dir=None: _toy(name, n=10))
     out = str(tmp_path / "cli")
     argv = ["--dataset", "toy10", "--backbone", "b", "--views", "2", "--out", out]
