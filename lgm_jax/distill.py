@@ -426,6 +426,7 @@ def evaluate_run(config, workdir: str) -> dict:
         epochs=config.eval.epochs,
         mode=config.eval.mode,
         image_res=config.syn_res,
+        data_dir=config.data_dir or None,
     )
     log.info("evaluation: %s", evaluate.format_row(result))
     return result

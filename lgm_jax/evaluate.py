@@ -122,7 +122,7 @@ def load_distilled(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
-        for k in ("dataset", "backbone"):
+        for k in ("dataset", "backbone", "data_dir"):
             if isinstance(cfg.get(k), str):
                 meta.setdefault(k, cfg[k])
     meta["path"] = p
@@ -280,8 +280,12 @@ def evaluate(
     test_batch: int = 256,
     method: str | None = None,
     image_res: int = SYN_RES,
+    data_dir: str | None = None,
 ) -> dict:
-    """Load, check, train, test and write eval.json; returns the result."""
+    """Load, check, train, test and write eval.json; returns the result.
+
+    data_dir: where the dataset lives (tfds data_dir or image-folder root), if not the default.
+    """
     from lgm_jax import data
 
     distilled = [distilled] if isinstance(distilled, str) else list(distilled)
@@ -289,7 +293,7 @@ def evaluate(
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise InputError(f"{meta['path']} does not record its dataset; pass --dataset NAME")
-    ds = data.get_dataset(dataset)
+    ds = data.get_dataset(dataset, data_dir or meta.get("data_dir") or None)
     per_seed = images.ndim == 5
     if per_seed and len(distilled) != seeds:
         seeds = len(distilled)
@@ -409,6 +413,7 @@ def grid(
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset name (default: recorded by the run)")
     p.add_argument("--weights", default=None, help="backbone weights directory")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: the run's)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="base random seed")
     p.add_argument("--epochs", type=int, default=1000)
@@ -443,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=a.seed,
                 test_batch=a.test_batch,
                 image_res=a.image_res,
+                data_dir=a.data_dir,
             )
             return 0
         p = argparse.ArgumentParser(
@@ -475,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_batch=a.test_batch,
             image_res=a.image_res,
             method=a.method,
+            data_dir=a.data_dir,
         )
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
