@@ -11,7 +11,7 @@ Workdir layout:
     checkpoints/<step>/     orbax checkpoints (state + run metadata), the last few kept
     synthetic.npz           images uint8 [N, res, res, 3], labels int32 [N] (at the end)
     images/step_<s>.png     a grid of the synthetic images every `image_every` steps
-    images/class_<c>.png    one PNG per class at the end
+    images/class_<c>.png    one PNG per class at the end, and images/final.png, all of them
     config.json             the run's config
     events.*                TensorBoard metrics (loss, steps/s, images/s)
 """
@@ -149,6 +149,7 @@ def export(state: lgm.State, config, workdir: str, class_names) -> str:
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
     for c in range(len(class_names)):
         save_grid(images[labels == c], os.path.join(workdir, "images", f"class_{c}.png"))
+    save_grid(images, os.path.join(workdir, "images", "final.png"))
     return path
 
 

@@ -71,6 +71,7 @@ def test_run_writes_images_labels_and_pngs(reference):
     np.testing.assert_array_equal(z["labels"], np.arange(10))
     assert int(z["step"]) == 10
     assert len(list((reference / "images").glob("class_*.png"))) == 10
+    assert (reference / "images" / "final.png").exists()
     assert (reference / "config.json").exists()
     assert list(reference.glob("events.out.tfevents.*"))
     result = json.loads((reference / "eval" / "dinov2_tiny" / "eval.json").read_text())
