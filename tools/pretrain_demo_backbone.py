@@ -1,6 +1,6 @@
 """Self-supervised pre-training of the demo's tiny ViT (`dinov2_tiny`) on mnist_demo, no labels.
 
-    python tools/pretrain_demo_backbone.py --out weights/demo_vit [--steps 1500]
+    python tools/pretrain_demo_backbone.py --out weights/demo_vit [--steps 600]
 
 The demo's random backbone carries almost no class information, so neither distilled nor real
 images train a useful probe on it. This trains it with SimCLR (InfoNCE / NT-Xent) on the 4,000
@@ -91,7 +91,7 @@ def make_step(backbone, head, tx, images, batch: int, temperature: float):
 
 def pretrain(
     images: np.ndarray,
-    steps: int = 1500,
+    steps: int = 600,
     batch: int = 256,
     lr: float = 1e-3,
     temperature: float = 0.2,
@@ -129,7 +129,7 @@ def pretrain(
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for the converted weights")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.2)
@@ -170,7 +170,9 @@ def main(argv=None):
     )
     with open(os.path.join(args.out, "pretrain.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    print(f"wrote {args.out} ({train_s:.1f} s of training, loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    print(
+        f"wrote {args.out} ({train_s:.1f} s of training, loss {losses[0]:.3f} -> {losses[-1]:.3f})"
+    )
 
 
 if __name__ == "__main__":
