@@ -16,7 +16,7 @@ import pretrain_demo_backbone as pretrain_tool  # noqa: E402
 from lgm_jax.models import registry  # noqa: E402
 
 
-def _images(n=32, res=32):
+def _images(n=16, res=32):
     """Blobs at random places on black: a few 'digits' with something to tell apart."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:res, :res]
@@ -39,9 +39,9 @@ def test_nt_xent_prefers_matching_pairs():
 
 def test_pretrain_lowers_loss_deterministic_and_weights_load(tmp_path):
     images = _images()
-    kw = dict(steps=30, batch=16, lr=3e-3, warmup=5, seed=0, log=None)
+    kw = dict(steps=20, batch=8, lr=3e-3, warmup=3, seed=0, log=None)
     backbone, params, losses = pretrain_tool.pretrain(images, **kw)
-    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert len(losses) == 20 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     _, _, again = pretrain_tool.pretrain(images, **kw)
     assert again == losses  # seeded: the same draws and updates
