@@ -37,14 +37,12 @@ def test_nt_xent_prefers_matching_pairs():
     assert np.isfinite(float(matched))
 
 
-def test_pretrain_lowers_loss_deterministic_and_weights_load(tmp_path):
+def test_pretrain_lowers_loss_and_weights_load(tmp_path):
     images = _images()
     kw = dict(steps=20, batch=8, lr=3e-3, warmup=3, seed=0, log=None)
     backbone, params, losses = pretrain_tool.pretrain(images, **kw)
     assert len(losses) == 20 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    _, _, again = pretrain_tool.pretrain(images, **kw)
-    assert again == losses  # seeded: the same draws and updates
 
     registry.save_converted(str(tmp_path), backbone, params)
     loaded, lparams = registry.build("dinov2_tiny", str(tmp_path))
