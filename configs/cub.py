@@ -4,7 +4,8 @@
         --config.weights=weights/dinov2_vitb
 
 Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
-(docs/backbones.md). 5001 updates; expected result:
+(docs/backbones.md). 5001 updates; expected time: not yet measured on a GPU (BENCHMARKS.md;
+the reference takes 0.95 s per ImageNet-100 step on an H200, 80 minutes in all); expected result:
 see the paper's fine-grained table.
 Append `:smoke` to the config path (configs/cub.py:smoke) for a 3-step run with a tiny random
 backbone that checks the data and the plumbing on a CPU.

@@ -4,7 +4,8 @@
         --config.weights=weights/dinov2_vitb
 
 Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
-(docs/backbones.md). 5001 updates; expected result:
+(docs/backbones.md). 5001 updates; expected time: not yet measured on a GPU (BENCHMARKS.md;
+the reference does not fit ImageNet-1k on one H200 and used four GPUs); expected result:
 75.0% top-1 (paper Table 1).
 Append `:smoke` to the config path (configs/in1k.py:smoke) for a 3-step run with a tiny random
 backbone that checks the data and the plumbing on a CPU.

@@ -98,16 +98,6 @@ def should_grow(config, step: int, finest: int) -> bool:
     )
 
 
-def levels_at(config, step: int) -> int:
-    """Number of pyramid levels in force when `step` is about to run (after any growth)."""
-    n = len(start_resolutions(config))
-    finest = start_resolutions(config)[-1]
-    for s in range(2, step + 1):
-        if should_grow(config, s, finest):
-            n, finest = n + 1, finest * 2
-    return n
-
-
 def to_images(levels, config) -> np.ndarray:
     """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3]."""
     # Host copies first: the levels are replicated over every process's devices, and only the
@@ -260,7 +250,7 @@ def _real_source(config, ds, step_cfg, params, process_index, process_count):
             sl = slice(process_index * per_process, (process_index + 1) * per_process)
             return feats[sl], labels[sl]
 
-        return from_cache, None
+        return from_cache
 
     from lgm_jax.data import pipeline
 
@@ -278,7 +268,7 @@ def _real_source(config, ds, step_cfg, params, process_index, process_count):
         b = batches(step)  # batch `step` of the shuffled epochs: no iterator state to replay
         return b["image"], b["label"]
 
-    return from_images, batches
+    return from_images
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
@@ -324,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     state = jax.device_put(state, replicated)
 
     step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
-    real_at, _ = _real_source(config, ds, step_cfg, params, pidx, pcount)
+    real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
     writer = _summary_writer(workdir) if is_main else None
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
