@@ -120,6 +120,8 @@ def build(name: str, weights_dir: str | None = None, rng=None, **overrides):
     Keyword arguments override ViTConfig fields (image_size, dtype, remat, attention, ...).
     A converted directory's own config wins over the registry's, except for the overrides.
     """
+    if name not in _NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
     if weights_dir is None:
         backbone = get(name, **overrides)
         model = ViT(backbone.config)
@@ -128,8 +130,7 @@ def build(name: str, weights_dir: str | None = None, rng=None, **overrides):
         params = jax.jit(model.init)(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
         return backbone, params
     backbone, params = load_converted(weights_dir, **overrides)
-    want = _NAMES[name][0] if name in _NAMES else None
-    if want is not None and want != backbone.family:
+    if _NAMES[name][0] != backbone.family:
         raise weights.CheckpointMismatch(
             f"{weights_dir} holds {backbone.family} weights ({backbone.name}), not {name}"
         )
