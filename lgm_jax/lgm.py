@@ -32,6 +32,8 @@ from lgm_jax import augment, pyramid
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+STATE_SHARDINGS = ("replicated", "class")
+
 # features(backbone_params, normalised images [B, H, W, 3]) -> [B, F] float32
 FeatureFn = Callable[[object, jax.Array], jax.Array]
 
@@ -53,10 +55,17 @@ class StepConfig:
     # Peak memory scales with the chunk, not with the number of synthetic images.
     chunk_size: int | None = None
     real_input: str = "images"  # "images" (online) or "features" (from the real-feature cache)
+    # "replicated": every device holds the whole pyramid and optimizer state; "class": each
+    # holds N/D images' worth (for very large synthetic sets; N must divide over the devices).
+    state_sharding: str = "replicated"
 
     def __post_init__(self):
         if self.real_input not in ("images", "features"):
             raise ValueError(f"real_input must be 'images' or 'features', got {self.real_input!r}")
+        if self.state_sharding not in STATE_SHARDINGS:
+            raise ValueError(
+                f"state_sharding must be one of {STATE_SHARDINGS}, got {self.state_sharding!r}"
+            )
 
     @property
     def num_syn(self) -> int:
@@ -237,6 +246,23 @@ def _map_chunks(fn, xs, chunk: int):
     return out.reshape(n, *out.shape[2:])
 
 
+def _device_rows(cfg: StepConfig, axis: str | None, num_devices: int):
+    """This device's rows: (real row ids, synthetic row ids, index of its first image in the
+    levels it holds). Row ids are global, so the random draws of a row do not depend on the
+    split. With replicated state the synthetic rows are a contiguous block of the K*N copy-major
+    rows (row r shows image r mod N); with class-sharded state they are the K copies of the
+    device's own N/D images, which it can decode and differentiate without the others."""
+    local = cfg.num_real // num_devices
+    d = jax.lax.axis_index(axis) if axis else 0
+    real_rows = d * local + jnp.arange(local)
+    if cfg.state_sharding == "class":
+        per = cfg.num_syn // num_devices
+        own = d * per + jnp.arange(per)
+        syn_rows = (jnp.arange(cfg.aug_rounds)[:, None] * cfg.num_syn + own).reshape(-1)
+        return real_rows, syn_rows, d * per
+    return real_rows, real_rows, 0
+
+
 def meta_grad(
     levels,
     params,
@@ -253,19 +279,22 @@ def meta_grad(
     """(meta-loss, d loss / d levels) for this device's share of the batch, in bounded memory.
 
     real: this device's real rows, images [R/D, H, H, 3] or cached features [R/D, F].
-    With `axis`, runs inside `shard_map`: partial probe gradients and image cotangents are
-    joined with `psum`, and the results are the same on every device.
+    levels: the whole pyramid, or with cfg.state_sharding == "class" this device's N/D images
+    of it (and then the gradient returned is that shard's).
+    With `axis`, runs inside `shard_map`: partial probe gradients are joined with `psum`.
 
     Memory does not grow with the number of synthetic images: the meta-loss depends on them only
     through their features Z, so
-      1. Z is computed chunk by chunk with no activations kept,
+      1. Z is computed chunk by chunk (decode, augment, backbone) with no activations kept,
       2. dL/dZ follows in closed form from g_syn = sum of per-row terms,
-      3. each chunk is run again under `jax.vjp` and pulls dL/dZ back to the decoded images,
-         and only one chunk's backbone activations are alive at a time,
-      4. the image cotangent goes back through `decode` to the pyramid levels.
-    The cost is one extra backbone forward per synthetic image.
+      3. each chunk is run again under `jax.vjp` and pulls dL/dZ back to the pyramid rows of
+         its images, which are added into the gradient in place; only one chunk's activations
+         and decoded images are alive at a time.
+    The cost is one extra backbone forward per synthetic image; without chunking (one chunk)
+    the forward pass is kept for the backward one instead.
     """
     k_probe, k_real, k_syn = keys
+    by_class = cfg.state_sharding == "class"
     psum = (lambda x: jax.lax.psum(x, axis)) if axis else (lambda x: x)
     # Mark a replicated value as per-device (shard_map's type system) where it meets one.
     vary = (lambda x: jax.lax.pcast(x, axis, to="varying")) if axis else (lambda x: x)
@@ -273,9 +302,12 @@ def meta_grad(
     local = cfg.num_real // num_devices
     if real.shape[0] != local:
         raise ValueError(f"expected {local} real rows per device, got {real.shape[0]}")
-    first = jax.lax.axis_index(axis) * local if axis else 0
-    rows = first + jnp.arange(local)
+    held = cfg.num_syn // num_devices if by_class else cfg.num_syn
+    if levels[0].shape[0] != held:
+        raise ValueError(f"expected {held} synthetic images per device, got {levels[0].shape[0]}")
+    real_rows, syn_rows, first = _device_rows(cfg, axis, num_devices)
     chunk = chunk_size(local, cfg.chunk_size)
+    n_chunks = local // chunk
 
     if cfg.real_input == "features":
         z_real = real.astype(jnp.float32)
@@ -283,43 +315,48 @@ def meta_grad(
         real_fn = lambda x, r: real_features(
             features, params, x, augment.sample_rows(k_real, r, cfg.augment), cfg
         )
-        z_real = _map_chunks(real_fn, (real, rows), chunk)
+        z_real = _map_chunks(real_fn, (real, real_rows), chunk)
     g_real = psum(probe_grad(w, b, z_real, real_labels, cfg.num_real))
 
-    images = pyramid.decode(levels, cfg.syn_res, cfg.decorrelate_colors)
-    labels = syn_labels(cfg)[rows % cfg.num_syn]  # copy-major: row r shows image r mod N
-
-    def syn_fn(imgs, r):
-        x = augment.apply(
-            imgs[r % cfg.num_syn], augment.sample_rows(k_syn, r, cfg.augment), cfg.augment
-        )
+    def syn_fn(rows_levels, r):
+        """Features of synthetic rows r from their own pyramid rows (one per row)."""
+        imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
+        x = augment.apply(imgs, augment.sample_rows(k_syn, r, cfg.augment), cfg.augment)
         return features(params, normalize(x, cfg))
 
-    z_syn = _map_chunks(lambda r: syn_fn(images, r), (rows,), chunk)
+    index = lambda r: r % cfg.num_syn - first  # row -> image within the held levels
+    gather = lambda lv, r: tuple(level[index(r)] for level in lv)
+    # Differentiate with respect to a per-device copy of replicated levels: the cotangent of a
+    # replicated input would already be summed over devices, and the psum below would count it
+    # D times. Class-sharded levels are per-device already.
+    own_levels = levels if by_class else vary(levels)
+    labels = syn_labels(cfg)[syn_rows % cfg.num_syn]
     partial_g = lambda z: probe_grad(w, b, z, labels, cfg.num_real)
+
+    if n_chunks == 1:
+        z_syn, pull = jax.vjp(lambda lv: syn_fn(gather(lv, syn_rows), syn_rows), own_levels)
+    else:
+        z_syn = _map_chunks(lambda r: syn_fn(gather(levels, r), r), (syn_rows,), chunk)
     g_syn = psum(partial_g(z_syn))
     loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
     d_z = jax.vjp(partial_g, z_syn)[1](vary(d_gsyn))[0]
 
-    # Differentiate with respect to a per-device copy of the images: the cotangent of a
-    # replicated input would already be summed over devices, and the psum below would count it
-    # D times.
-    local_images = vary(images)
+    if n_chunks == 1:
+        (grads,) = pull(d_z)
+    else:
 
-    def backward(acc, xs):
-        r, dz = xs
-        return acc + jax.vjp(lambda im: syn_fn(im, r), local_images)[1](dz)[0], None
+        def backward(acc, xs):
+            r, dz = xs
+            (d_rows,) = jax.vjp(lambda rl: syn_fn(rl, r), gather(own_levels, r))[1](dz)
+            return tuple(a.at[index(r)].add(g) for a, g in zip(acc, d_rows)), None
 
-    n_chunks = local // chunk
-    d_images, _ = jax.lax.scan(
-        backward,
-        vary(jnp.zeros_like(images)),
-        (rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1)),
-    )
-    d_images = psum(d_images)
-    decode = lambda lv: pyramid.decode(lv, cfg.syn_res, cfg.decorrelate_colors)
-    (grads,) = jax.vjp(decode, levels)[1](d_images)
-    return loss, grads
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, own_levels)
+        grads, _ = jax.lax.scan(
+            backward,
+            zeros,
+            (syn_rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1)),
+        )
+    return loss, (grads if by_class else psum(grads))
 
 
 def apply_grads(state: State, loss, grads, tx) -> tuple[State, dict]:
@@ -337,36 +374,63 @@ def apply_grads(state: State, loss, grads, tx) -> tuple[State, dict]:
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
+def state_sharding(state, mesh, by_class: bool = False):
+    """Shardings of a State (or its shape tree) on `mesh`: everything replicated, or with
+    `by_class` the pyramid levels and their optimizer moments ([N, r, r, 3] leaves) split over
+    the images."""
+    (axis,) = mesh.axis_names
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    return jax.tree_util.tree_map(lambda x: split if by_class and x.ndim == 4 else rep, state)
+
+
+def check_split(cfg: StepConfig, num_devices: int) -> None:
+    """Refuse a batch or a class-sharded state that does not divide over the devices."""
+    if cfg.num_real % num_devices:
+        raise ValueError(
+            f"the batch of {cfg.num_real} real / synthetic rows (ipc*K*C) does not split "
+            f"over {num_devices} devices; choose aug_rounds or devices so that it divides"
+        )
+    if cfg.state_sharding == "class" and cfg.num_syn % num_devices:
+        raise ValueError(
+            f"state_sharding='class' needs the {cfg.num_syn} synthetic images (ipc*C) to split "
+            f"over {num_devices} devices; use state_sharding='replicated' or a device count "
+            "that divides them"
+        )
+
+
 def make_step(features: FeatureFn, feat_dim: int, tx, cfg: StepConfig, mesh=None):
     """The jitted update `step(state, backbone_params, real, real_labels) -> (state, metrics)`.
 
     real: images [R, H, H, 3] (uint8 or float in [0, 1]) or, with cfg.real_input ==
     "features", cached features [R, F]; R = cfg.num_real. With a mesh (one axis named "data"),
-    `real` and the synthetic copies are split over its devices and joined by `psum`; the state
-    and backbone parameters are replicated. The state's buffers are donated.
+    `real` and the synthetic copies are split over its devices and joined by `psum`; the backbone
+    parameters are replicated and the state is laid out by `state_sharding`. The state's buffers
+    are donated.
     """
     kw = dict(features=features, feat_dim=feat_dim, cfg=cfg)
+    by_class = cfg.state_sharding == "class"
     if mesh is None:
         grad_fn = functools.partial(meta_grad, **kw)
     else:
         (axis,) = mesh.axis_names
-        if cfg.num_real % mesh.size:
-            raise ValueError(
-                f"the batch of {cfg.num_real} real / synthetic rows (ipc*K*C) does not split "
-                f"over {mesh.size} devices; choose aug_rounds or devices so that it divides"
-            )
+        check_split(cfg, mesh.size)
         spec, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+        lv = spec if by_class else rep
         grad_fn = jax.shard_map(
             functools.partial(meta_grad, axis=axis, num_devices=mesh.size, **kw),
             mesh=mesh,
-            in_specs=(rep, rep, spec, spec, rep),
-            out_specs=(rep, rep),
+            in_specs=(lv, rep, spec, spec, rep),
+            out_specs=(rep, lv),
         )
 
     def step(state: State, params, real, real_labels):
         keys = step_keys(state.rng, state.step)
         loss, grads = grad_fn(state.levels, params, real, real_labels, keys)
-        return apply_grads(state, loss, grads, tx)
+        state, metrics = apply_grads(state, loss, grads, tx)
+        if mesh is not None:  # keep the layout from step to step
+            state = jax.lax.with_sharding_constraint(state, state_sharding(state, mesh, by_class))
+        return state, metrics
 
     return jax.jit(step, donate_argnums=(0,))
 

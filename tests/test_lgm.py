@@ -181,12 +181,16 @@ def test_chunked_meta_grad_equals_direct_autodiff(tiny_vit, chunk):
     _assert_grads_close(jax.jit(fn)(*args), want)
 
 
-@pytest.mark.parametrize("devices, chunk", [(8, None), (2, 1)])
-def test_sharded_meta_grad_equals_single_device(tiny_vit, devices, chunk):
+@pytest.mark.parametrize(
+    "devices, chunk, state",
+    [(8, None, "replicated"), (2, 1, "replicated"), (4, None, "class"), (2, 2, "class")],
+)
+def test_sharded_meta_grad_equals_single_device(tiny_vit, devices, chunk, state):
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (see conftest.py)"
-    features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk)
+    features, cfg, args, want = _grad_setup(tiny_vit, chunk_size=chunk, state_sharding=state)
     mesh = lgm.data_mesh(jax.devices()[:devices])
     P = jax.sharding.PartitionSpec
+    lv = P("data") if state == "class" else P()
     fn = jax.shard_map(
         functools.partial(
             lgm.meta_grad,
@@ -197,25 +201,39 @@ def test_sharded_meta_grad_equals_single_device(tiny_vit, devices, chunk):
             num_devices=devices,
         ),
         mesh=mesh,
-        in_specs=(P(), P(), P("data"), P("data"), P()),
-        out_specs=(P(), P()),
+        in_specs=(lv, P(), P("data"), P("data"), P()),
+        out_specs=(P(), lv),
     )
     _assert_grads_close(jax.jit(fn)(*args), want)
 
 
-def test_sharded_step_equals_single_device_step(tiny_vit):
+@pytest.mark.parametrize("state_sharding, devices", [("replicated", 8), ("class", 4)])
+def test_sharded_step_equals_single_device_step(tiny_vit, state_sharding, devices):
     features, cfg, (levels, params, real, labels, _), _ = _grad_setup(tiny_vit, chunk_size=1)
     tx = lgm.optimizer()
     state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
     one = lgm.make_step(features, 32, tx, cfg)
-    many = lgm.make_step(features, 32, tx, cfg, mesh=lgm.data_mesh())
-    s1, s8 = state, jax.tree_util.tree_map(jnp.copy, state)
+    mesh = lgm.data_mesh(jax.devices()[:devices])
+    split = dataclasses.replace(cfg, state_sharding=state_sharding)
+    many = lgm.make_step(features, 32, tx, split, mesh=mesh)
+    by_class = state_sharding == "class"
+    # Copies: the steps donate their input state, and device_put may alias it.
+    s8 = jax.device_put(
+        jax.tree_util.tree_map(jnp.copy, state), lgm.state_sharding(state, mesh, by_class)
+    )
+    s1 = state
     for _ in range(2):
         s1, m1 = one(s1, params, real, labels)
         s8, m8 = many(s8, params, real, labels)
         assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), rel=1e-5)
     for a, b in zip(s1.levels, s8.levels):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    # The layout is kept from step to step: with "class", each device holds one image's rows.
+    want = lgm.state_sharding(s8, mesh, by_class)
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(s8), jax.tree_util.tree_leaves(want)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    if by_class:
+        assert s8.levels[-1].addressable_shards[0].data.shape[0] == cfg.num_syn // devices
 
 
 def test_cached_real_features_give_the_same_step(tiny_vit):
@@ -231,3 +249,9 @@ def test_batch_that_does_not_split_over_devices_is_refused(tiny_vit):
     features, cfg, *_ = _grad_setup(tiny_vit)
     with pytest.raises(ValueError, match="does not split"):
         lgm.make_step(features, 32, lgm.optimizer(), cfg, mesh=lgm.data_mesh(jax.devices()[:3]))
+    # 8 rows split over 8 devices, but 4 synthetic images do not.
+    split = dataclasses.replace(cfg, state_sharding="class")
+    with pytest.raises(ValueError, match="state_sharding='class' needs the 4 synthetic images"):
+        lgm.make_step(features, 32, lgm.optimizer(), split, mesh=lgm.data_mesh())
+    with pytest.raises(ValueError, match="state_sharding must be one of"):
+        dataclasses.replace(cfg, state_sharding="rows")
