@@ -43,6 +43,11 @@ def base() -> ml_collections.ConfigDict:
     c.chunk_size = 0  # rows per backbone call per device; 0 = the whole per-device batch
     c.real_input = "images"  # or "features" (from a real-feature cache)
     c.feature_cache = ""  # directory written by `python -m lgm_jax.data.feature_cache`
+    # "replicated" (every device holds the whole pyramid and its Adam moments) or "class" (each
+    # device holds its N/D images' share and works only on their K copies; N = ipc * classes
+    # must divide over the devices). Checkpoints restore into either.
+    c.state_sharding = "replicated"
+    c.prefetch = 2  # real batches loaded ahead of the step, in a background thread
 
     # The paper's linear-probe evaluation of the result, run at the end (python -m
     # lgm_jax.evaluate does the same on any workdir later).

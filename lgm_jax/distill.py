@@ -76,6 +76,7 @@ def step_config(config, num_classes: int) -> lgm.StepConfig:
         std=tuple(config.std),
         chunk_size=config.chunk_size or None,
         real_input=config.real_input,
+        state_sharding=config.state_sharding,
     )
 
 
@@ -98,12 +99,23 @@ def should_grow(config, step: int, finest: int) -> bool:
     )
 
 
+def host_levels(levels) -> tuple[np.ndarray, ...]:
+    """The levels as host arrays on every process. Levels spread over several processes'
+    devices are gathered (a collective: every process must call this)."""
+    from jax.experimental import multihost_utils
+
+    out = []
+    for lvl in levels:
+        if not isinstance(lvl, jax.Array) or lvl.is_fully_addressable:
+            out.append(np.asarray(lvl))
+        else:
+            out.append(np.asarray(multihost_utils.process_allgather(lvl, tiled=True)))
+    return tuple(out)
+
+
 def to_images(levels, config) -> np.ndarray:
-    """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3]."""
-    # Host copies first: the levels are replicated over every process's devices, and only the
-    # main process decodes them for export (an op on the global arrays would need them all).
-    levels = tuple(np.asarray(lvl) for lvl in levels)
-    x = pyramid.decode(levels, config.syn_res, config.decorrelate_colors)
+    """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3] from host levels."""
+    x = pyramid.decode(tuple(levels), config.syn_res, config.decorrelate_colors)
     return np.asarray(jnp.round(jnp.clip(x, 0, 1) * 255), np.uint8)
 
 
@@ -122,9 +134,9 @@ def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def export(state: lgm.State, config, workdir: str, class_names) -> str:
-    """Write synthetic.npz and one PNG per class (atomically)."""
-    images = to_images(state.levels, config)
+def export(levels, step: int, config, workdir: str, class_names) -> str:
+    """Write synthetic.npz and one PNG per class (atomically) from host levels."""
+    images = to_images(levels, config)
     labels = np.repeat(np.arange(len(class_names), dtype=np.int32), config.ipc)
     path = os.path.join(workdir, "synthetic.npz")
     tmp = path + ".tmp.npz"
@@ -133,7 +145,7 @@ def export(state: lgm.State, config, workdir: str, class_names) -> str:
         images=images,
         labels=labels,
         class_names=np.asarray(class_names, dtype=str),
-        step=int(state.step),
+        step=step,
     )
     os.replace(tmp, path)
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
@@ -190,8 +202,20 @@ def save_checkpoint(mngr, state, meta) -> None:
     mngr.wait_until_finished()
 
 
-def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict):
-    """The latest checkpoint as (state, meta), or None. Refuses another run's checkpoint."""
+def grown_shapes(template: lgm.State, tx, num_levels: int, mode: str) -> lgm.State:
+    """The shapes and dtypes of the state once its pyramid has `num_levels` levels."""
+
+    def grown(state):
+        while len(state.levels) < num_levels:
+            state = lgm.grow(state, tx, mode)
+        return state
+
+    return jax.eval_shape(grown, template)
+
+
+def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict, place):
+    """The latest checkpoint as (state, meta), or None; `place(shapes)` gives the shardings to
+    restore into. Refuses another run's checkpoint."""
     step = mngr.latest_step()
     if step is None:
         return None
@@ -204,12 +228,14 @@ def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict):
             f"{mngr.directory} holds a checkpoint of a different run ({detail}). "
             "Use a new --workdir, or set the config back to match the checkpoint."
         )
-    # Rebuild the state's structure at that step: levels grown to meta["num_levels"].
-    levels = template.levels
-    while len(levels) < meta["num_levels"]:
-        levels = pyramid.extend(jax.random.key(0), levels, config.pyramid.init_mode)
-    shaped = template.replace(levels=levels, opt_state=tx.init(levels))
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _to_saveable(shaped))
+    # The state's structure at that step (levels grown to meta["num_levels"]), laid out as this
+    # run wants it: a checkpoint restores onto any number of devices and either layout.
+    shaped = grown_shapes(template, tx, meta["num_levels"], config.pyramid.init_mode)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        _to_saveable(shaped),
+        _to_saveable(place(shaped)),
+    )
     tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
         "state"
     ]
@@ -284,6 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     num_classes = ds.num_classes
     step_cfg = step_config(config, num_classes)
     mesh = lgm.data_mesh()
+    lgm.check_split(step_cfg, mesh.size)  # before anything slow
     pidx, pcount = jax.process_index(), jax.process_count()
     is_main = pidx == 0
     features, params, feat_dim = build_backbone(config)
@@ -291,6 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     params = jax.device_put(params, replicated)
     tx = lgm.optimizer(config.lr)
+    by_class = step_cfg.state_sharding == "class"
+    place = lambda s: lgm.state_sharding(s, mesh, by_class)
 
     template = lgm.init_state(
         jax.random.key(config.seed),
@@ -301,9 +330,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     )
     mngr = checkpoint_manager(workdir, config)
     ident = identity(config, num_classes)
-    restored = restore_checkpoint(mngr, config, template, tx, ident)
+    restored = restore_checkpoint(mngr, config, template, tx, ident, place)
     if restored is None:
-        state, start = template, 0
+        state, start = jax.device_put(template, place(template)), 0
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -311,38 +340,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
         state, _ = restored
         start = int(state.step)
         log.info("resumed from step %d (%d levels)", start, len(state.levels))
-    state = jax.device_put(state, replicated)
+
+    def grow(state):
+        """The state with one more level, laid out like the rest (one jitted program, so it
+        works on arrays spread over several processes)."""
+        fn = lambda s: lgm.grow(s, tx, config.pyramid.init_mode)
+        return jax.jit(fn, out_shardings=place(jax.eval_shape(fn, state)), donate_argnums=0)(state)
 
     step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
     real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
+
+    def load(step):  # runs ahead of the step loop in a thread (see _prefetch)
+        real, labels = real_at(step)
+        real = jax.make_array_from_process_local_data(sharded, np.asarray(real))
+        labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels, np.int32))
+        return real, labels
+
     writer = _summary_writer(workdir) if is_main else None
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    guard = NonFiniteGuard(config.max_nonfinite, mngr.directory)
 
-    def meta_now(s):
-        return {
+    def checkpoint(s):
+        guard.check()  # never write a checkpoint past a run of failures
+        meta = {
             "identity": ident,
             "num_levels": len(s.levels),
             "step": int(s.step),
-            "nonfinite_steps": nonfinite_total,
+            "nonfinite_steps": guard.total,
         }
+        save_checkpoint(mngr, s, meta)
 
-    nonfinite_total, nonfinite_run = 0, 0
     t_last, s_last = time.time(), start
     last = config.steps  # the reference runs steps 0..steps inclusive
+    batches = _prefetch(load, range(start, last + 1), config.prefetch)
     try:
-        for step in range(start, last + 1):
+        for step, (real, labels) in zip(range(start, last + 1), batches):
             finest = state.levels[-1].shape[1]
             if should_grow(config, step, finest):
-                state = jax.device_put(lgm.grow(state, tx, config.pyramid.init_mode), replicated)
+                state = grow(state)
                 log.info("step %d: pyramid grows to %d px", step, finest * 2)
-            real, labels = real_at(step)
-            real = jax.make_array_from_process_local_data(sharded, np.asarray(real))
-            labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels, np.int32))
             state, metrics = step_fn(state, params, real, labels)
+            guard.push(step, metrics["finite"])
             done = step + 1
             if done % config.log_every == 0 or step == last:
-                m = jax.device_get(metrics)
+                m = jax.device_get(metrics)  # the one host sync every log_every steps
+                guard.check()
                 now = time.time()
                 rate = (done - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, done
@@ -365,42 +408,88 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
                             "loss": float(m["loss"]),
                             "steps_per_s": rate,
                             "images_per_s": rate * 2 * step_cfg.num_real,
+                            "nonfinite_steps": guard.total,
                         },
                     )
-            if bool(metrics["finite"]):
-                nonfinite_run = 0
-            else:  # the update was skipped inside the step
-                nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
-                log.warning("step %d: non-finite meta-loss, update skipped", step)
-                if config.max_nonfinite and nonfinite_run >= config.max_nonfinite:
-                    raise NonFiniteLoss(
-                        f"the meta-loss was non-finite for {nonfinite_run} steps in a row (up "
-                        f"to step {step}); the last good checkpoint in {mngr.directory} is "
-                        "kept. Lower the learning rate or use float32 compute."
+            if config.image_every and done % config.image_every == 0:
+                levels = host_levels(state.levels)  # every process: may be a collective
+                if is_main:
+                    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+                    save_grid(
+                        to_images(levels, config),
+                        os.path.join(workdir, "images", f"step_{done:06d}.png"),
                     )
-            if config.image_every and done % config.image_every == 0 and is_main:
-                os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-                save_grid(
-                    to_images(state.levels, config),
-                    os.path.join(workdir, "images", f"step_{done:06d}.png"),
-                )
             if stop["sigterm"]:
                 log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
-                save_checkpoint(mngr, state, meta_now(state))
+                checkpoint(state)
                 raise SystemExit(143)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                save_checkpoint(mngr, state, meta_now(state))
-        save_checkpoint(mngr, state, meta_now(state))
+                checkpoint(state)
+        checkpoint(state)
     finally:
+        batches.close()
         signal.signal(signal.SIGTERM, old_handler)
         if writer is not None:
             writer.close()
+    levels = host_levels(state.levels)
     if is_main:
-        path = export(state, config, workdir, ds.class_names)
-        log.info("wrote %s (%d non-finite steps skipped)", path, nonfinite_total)
+        path = export(levels, int(state.step), config, workdir, ds.class_names)
+        log.info("wrote %s (%d non-finite steps skipped)", path, guard.total)
         if config.eval.at_end:
             evaluate_run(config, workdir)
     return state
+
+
+class NonFiniteGuard:
+    """Counts the steps whose update was skipped for a non-finite meta-loss, and stops the run
+    when `limit` come in a row. The step's flags stay on the device until `check` (at log
+    points and before checkpoints), so the loop never waits on a step just to look at it."""
+
+    def __init__(self, limit: int, checkpoints):
+        self.limit, self.checkpoints = limit, checkpoints
+        self.pending, self.total, self.in_a_row = [], 0, 0
+
+    def push(self, step: int, finite) -> None:
+        self.pending.append((step, finite))
+
+    def check(self) -> None:
+        flags = jax.device_get([f for _, f in self.pending])
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for step, ok in zip(steps, flags):
+            if ok:
+                self.in_a_row = 0
+                continue
+            self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+            log.warning("step %d: non-finite meta-loss, update skipped", step)
+            if self.limit and self.in_a_row >= self.limit:
+                raise NonFiniteLoss(
+                    f"the meta-loss was non-finite for {self.in_a_row} steps in a row (up to "
+                    f"step {step}); the last good checkpoint in {self.checkpoints} is kept. "
+                    "Lower the learning rate or use float32 compute."
+                )
+
+
+def _prefetch(load, steps, depth: int):
+    """load(s) for s in steps, computed up to `depth` steps ahead in a background thread (the
+    host reads, decodes and transfers the next real batches while the device runs this one).
+    Batches are pure functions of the step, so prefetching changes nothing but the timing."""
+    import collections
+    import concurrent.futures
+
+    steps = iter(steps)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        queue = collections.deque(pool.submit(load, s) for _, s in zip(range(max(depth, 1)), steps))
+        try:
+            while queue:
+                out = queue.popleft().result()
+                nxt = next(steps, None)
+                if nxt is not None:
+                    queue.append(pool.submit(load, nxt))
+                yield out
+        finally:
+            for f in queue:
+                f.cancel()
 
 
 def evaluate_run(config, workdir: str) -> dict:

@@ -48,6 +48,9 @@ def main(argv):
     except (distill.RunMismatch, CheckpointMismatch, FileNotFoundError, ValueError) as e:
         logging.error("error: %s", e)
         sys.exit(2)
+    except distill.NonFiniteLoss as e:
+        logging.error("error: %s", e)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,46 @@ def test_unknown_config_key_and_backbone_are_refused(env, tmp_path):
     assert rc != 0 and "unknown config key" in out and "learning_rate" in out
     rc, out = _run(tmp_path, env, "--config.backbone=dinov9")
     assert rc == 2 and "unknown backbone 'dinov9'" in out
+
+
+def test_class_sharded_state_resumes_into_the_replicated_layout(reference, env, tmp_path):
+    # Half the images' pyramid rows and Adam moments on each of the 2 devices, through a growth
+    # (step 4); killed after the checkpoint at 6 and finished with replicated state.
+    proc = _start(tmp_path, env, "--config.state_sharding=class")
+    _wait_for_checkpoint(tmp_path, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    rc, out = _run(tmp_path, env)
+    assert rc == 0, out
+    assert "resumed from step 6" in out or "resumed from step 8" in out
+    want = np.load(reference / "synthetic.npz")["images"].astype(int)
+    got = np.load(tmp_path / "synthetic.npz")["images"].astype(int)
+    # The same steps up to the order of float32 sums (measured: identical uint8 images).
+    assert np.abs(got - want).max() <= 1
+
+
+def test_class_sharding_that_does_not_divide_is_refused(env, tmp_path):
+    env3 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    rc, out = _run(tmp_path, env3, "--config.state_sharding=class", "--config.aug_rounds=2")
+    assert rc == 2 and "state_sharding='class' needs the 10 synthetic images" in out, out
+
+
+def test_persistent_non_finite_loss_stops_and_keeps_the_checkpoints(env, tmp_path):
+    rc, out = _run(tmp_path, env, "--config.steps=3")
+    assert rc == 0, out
+    first = (tmp_path / "synthetic.npz").read_bytes()
+    # Resumed at step 4 with NaN noise in every augmented image: every update is skipped; the
+    # third in a row stops the run before another checkpoint is written.
+    rc, out = _run(
+        tmp_path,
+        env,
+        "--config.augment.noise_std=nan",
+        "--config.augment.noise_p=1.0",
+        "--config.max_nonfinite=3",
+    )
+    assert rc == 3, out
+    assert "non-finite for 3 steps in a row (up to step 6)" in out
+    assert "step 4: non-finite meta-loss, update skipped" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6, steps  # written after two skipped steps, none after the third
+    assert (tmp_path / "synthetic.npz").read_bytes() == first  # the finished export is untouched
