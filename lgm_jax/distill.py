@@ -245,6 +245,13 @@ def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict, place
 # ----------------------------------------------------------------------------- the run
 
 
+def grow_state(state: lgm.State, tx, mode: str, place) -> lgm.State:
+    """`lgm.grow` as one jitted program whose output is laid out by `place(shapes)`, so that it
+    works on a state spread over several processes' devices."""
+    fn = lambda s: lgm.grow(s, tx, mode)
+    return jax.jit(fn, out_shardings=place(jax.eval_shape(fn, state)), donate_argnums=0)(state)
+
+
 def build_backbone(config):
     """(features_fn, params, feature_dim) for config.backbone (converted weights if given)."""
     from lgm_jax.models import registry
@@ -332,7 +339,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     ident = identity(config, num_classes)
     restored = restore_checkpoint(mngr, config, template, tx, ident, place)
     if restored is None:
-        state, start = jax.device_put(template, place(template)), 0
+        # From host copies: every process holds the same template and places its part of it.
+        state, start = jax.device_put(jax.device_get(template), place(template)), 0
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -340,12 +348,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
         state, _ = restored
         start = int(state.step)
         log.info("resumed from step %d (%d levels)", start, len(state.levels))
-
-    def grow(state):
-        """The state with one more level, laid out like the rest (one jitted program, so it
-        works on arrays spread over several processes)."""
-        fn = lambda s: lgm.grow(s, tx, config.pyramid.init_mode)
-        return jax.jit(fn, out_shardings=place(jax.eval_shape(fn, state)), donate_argnums=0)(state)
 
     step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
     real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
@@ -378,7 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
         for step, (real, labels) in zip(range(start, last + 1), batches):
             finest = state.levels[-1].shape[1]
             if should_grow(config, step, finest):
-                state = grow(state)
+                state = grow_state(state, tx, config.pyramid.init_mode, place)
                 log.info("step %d: pyramid grows to %d px", step, finest * 2)
             state, metrics = step_fn(state, params, real, labels)
             guard.push(step, metrics["finite"])

@@ -1,14 +1,15 @@
-"""Two LGM steps on a tiny ViT, for tests/test_multiprocess.py.
+"""Two LGM steps on a tiny ViT with a pyramid growth between them, for tests/test_multiprocess.py.
 
 The test process (one process, 8 devices) builds the inputs with `setup()`, saves them with
 `save_inputs()` and runs `run_steps()`; this script runs the same steps as one of several
 processes joined with `jax.distributed`:
 
-    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES INPUTS.npz OUT.npz
+    python multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES INPUTS.npz OUT.npz STATE_SHARDING
 
 It loads the inputs instead of initialising the model again (eager initialisation costs more
 CPU than the steps), puts its own contiguous block of the global real batch on its local devices
-as `distill.run` does, and writes the final levels and the step losses to OUT.npz.
+as `distill.run` does, and writes the final levels (gathered from every process's devices when
+the state is class-sharded) and the step losses to OUT.npz.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 NUM_STEPS = 2
 
 
-def build():
-    """The static part: (model, features, step config, optimizer)."""
+def build(state_sharding: str = "replicated"):
+    """The static part: (model, features, step config, optimizer). Class-sharded state has two
+    images per class, so that its 8 synthetic images split over the 8 devices."""
     from lgm_jax import augment, lgm
     from lgm_jax.models import dinov2, vit
 
@@ -32,7 +34,8 @@ def build():
     features = lambda p, x: model.apply({"params": p}, x)
     cfg = lgm.StepConfig(
         num_classes=4,
-        ipc=1,
+        ipc=2 if state_sharding == "class" else 1,
+        state_sharding=state_sharding,
         aug_rounds=2,
         syn_res=32,
         probe_std=1.0,
@@ -52,12 +55,12 @@ def _init(model, cfg, tx):
     return params, lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2])
 
 
-def setup():
-    """(params, state, real [8, 32, 32, 3] uint8, labels [8] int32): the inputs of the steps."""
-    model, _, cfg, tx = build()
+def setup(state_sharding: str = "replicated"):
+    """(params, state, real [R, 32, 32, 3] uint8, labels [R] int32): the inputs of the steps."""
+    model, _, cfg, tx = build(state_sharding)
     params, state = _init(model, cfg, tx)
     real = np.random.default_rng(0).integers(0, 256, (cfg.num_real, 32, 32, 3)).astype(np.uint8)
-    labels = np.array([0, 1, 2, 3, 0, 0, 1, 2], np.int32)
+    labels = np.array([0, 1, 2, 3, 0, 0, 1, 2] * (cfg.num_real // 8), np.int32)
     return params, state, real, labels
 
 
@@ -67,11 +70,11 @@ def save_inputs(path, inputs):
     np.savez(path, *[np.asarray(x) for x in jax.tree_util.tree_leaves(inputs)])
 
 
-def load_inputs(path):
+def load_inputs(path, state_sharding: str = "replicated"):
     """The inputs saved by `save_inputs`, as host arrays."""
     import jax
 
-    model, _, cfg, tx = build()
+    model, _, cfg, tx = build(state_sharding)
     # The tree structure without running the initialisers.
     shapes = jax.eval_shape(lambda: _init(model, cfg, tx))
     with np.load(path) as f:
@@ -80,21 +83,23 @@ def load_inputs(path):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def run_steps(inputs, num_steps: int = NUM_STEPS):
-    """`num_steps` sharded steps over all devices of all processes: (levels, losses) as numpy."""
+def run_steps(inputs, state_sharding: str = "replicated", num_steps: int = NUM_STEPS):
+    """`num_steps` sharded steps over all devices of all processes, the pyramid growing by one
+    level after the first: (levels, losses) as numpy."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from lgm_jax import lgm
+    from lgm_jax import distill, lgm
 
-    _, features, cfg, tx = build()
+    _, features, cfg, tx = build(state_sharding)
     params, state, real, labels = inputs
     mesh = lgm.data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     # As distill.run does: the state (its key included, as raw key data) and the parameters are
-    # plain arrays, replicated over devices that span both processes.
-    state = jax.device_put(state, replicated)
+    # plain arrays over devices that span both processes; the state replicated or split by image.
+    place = lambda s: lgm.state_sharding(s, mesh, state_sharding == "class")
+    state = jax.device_put(state, place(state))
     params = jax.device_put(params, replicated)
     per_process = cfg.num_real // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
@@ -102,15 +107,17 @@ def run_steps(inputs, num_steps: int = NUM_STEPS):
     labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels)[rows])
     step = lgm.make_step(features, 32, tx, cfg, mesh=mesh)
     losses = []
-    for _ in range(num_steps):
+    for i in range(num_steps):
+        if i == 1:
+            state = distill.grow_state(state, tx, "noise", place)
         state, metrics = step(state, params, real, labels)
         losses.append(float(metrics["loss"]))  # replicated, so readable in every process
-    return [np.asarray(level) for level in state.levels], np.array(losses)
+    return list(distill.host_levels(state.levels)), np.array(losses)
 
 
 def main(argv):
     port, process_id, num_processes = int(argv[1]), int(argv[2]), int(argv[3])
-    inputs_path, out = argv[4], argv[5]
+    inputs_path, out, state_sharding = argv[4], argv[5], argv[6]
     import jax
 
     jax.distributed.initialize(
@@ -124,7 +131,7 @@ def main(argv):
         f"{jax.local_device_count()} local of {jax.device_count()} devices",
         flush=True,
     )
-    levels, losses = run_steps(load_inputs(inputs_path))
+    levels, losses = run_steps(load_inputs(inputs_path, state_sharding), state_sharding)
     np.savez(
         out,
         losses=losses,

@@ -46,7 +46,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(tmp_path, inputs_path):
+def _start_workers(tmp_path, inputs_path, state_sharding):
     env = dict(os.environ)
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -62,7 +62,7 @@ def _start_workers(tmp_path, inputs_path):
     for i in range(NUM_PROCESSES):
         log = open(tmp_path / f"worker{i}.log", "w")
         cmd = [sys.executable, str(WORKER), str(port), str(i), str(NUM_PROCESSES)]
-        cmd += [str(inputs_path), str(tmp_path / f"out{i}.npz")]
+        cmd += [str(inputs_path), str(tmp_path / f"out{i}.npz"), state_sharding]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     return procs
 
@@ -100,16 +100,17 @@ def _wait(procs, tmp_path):
     reason="this jaxlib has no gloo TCP collectives, so CPU processes cannot run collectives "
     "with each other through jax.distributed",
 )
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("state_sharding", ["replicated", "class"])
+def test_two_processes_equal_one_process(tmp_path, state_sharding):
     assert jax.device_count() == 8 and jax.process_count() == 1
     worker = _load_worker()
-    inputs = worker.setup()
+    inputs = worker.setup(state_sharding)
     initial = [np.asarray(level) for level in inputs[1].levels]  # before the state is donated
     worker.save_inputs(tmp_path / "inputs.npz", inputs)
-    procs = _start_workers(tmp_path, tmp_path / "inputs.npz")
+    procs = _start_workers(tmp_path, tmp_path / "inputs.npz", state_sharding)
     try:
         # The one-process reference, over this process's 8 devices, while the workers run.
-        want_levels, want_losses = worker.run_steps(inputs)
+        want_levels, want_losses = worker.run_steps(inputs, state_sharding)
     finally:
         _wait(procs, tmp_path)
 
@@ -117,15 +118,17 @@ def test_two_processes_equal_one_process(tmp_path):
     for out in outs:
         assert int(out["process_count"]) == NUM_PROCESSES
         assert int(out["device_count"]) == 8
-    # Every process ends with the same replicated state.
+    # Every process ends with the same state (class-sharded levels gathered from both).
     for key in outs[0].files:
         np.testing.assert_array_equal(outs[1][key], outs[0][key])
 
     got = outs[0]
     np.testing.assert_allclose(got["losses"], want_losses, rtol=1e-5)
+    assert len(want_levels) == len(initial) + 1  # grown once
     assert len(want_levels) == len([k for k in got.files if k.startswith("level")])
     for i, want in enumerate(want_levels):
         scale = float(np.abs(want).max())
         # The steps moved the levels by far more than the tolerance, so the comparison has teeth.
-        assert np.abs(want - initial[i]).max() > 100 * 1e-5 * scale
+        if i < len(initial):
+            assert np.abs(want - initial[i]).max() > 100 * 1e-5 * scale
         np.testing.assert_allclose(got[f"level{i}"], want, rtol=0, atol=1e-5 * scale)
