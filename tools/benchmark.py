@@ -17,12 +17,13 @@ FLOP convention (analytic, `vit_flops`): one multiply-add = 2 FLOPs; backbone ma
 (patch embedding, per block q/k/v, attention scores, attention x V, output projection, MLP), no
 LayerNorm/softmax/GELU, no augmentation or pyramid decoding (together < 1% for ViT-B/14 at 224).
 A step is counted as 1 forward per real row (0 when real features are cached) plus 3 forward
-equivalents per synthetic row, which is what the chunked step executes: a forward to get the
-features, then, in the VJP pass, the forward again and a backward to the input (~1 forward: no
-weight gradients). Rematerialisation (`--remat`) executes one more forward per synthetic row;
-it is not counted, so the TFLOP/s are "model FLOPs" of the chunked algorithm. SPEC's
-"about 1 + 2 forwards" counts the algorithm without the chunked recomputation; the JSON gives
-`flops_per_step` so either can be derived.
+equivalents per synthetic row when the per-device batch is split into chunks, which is what the
+chunked step executes: a forward to get the features, then, in the VJP pass, the forward again
+and a backward to the input (~1 forward: no weight gradients); 2 when it is one chunk (the
+VJP's forward is kept for its backward). Rematerialisation (`--remat`) executes one more
+forward per synthetic row; it is not counted, so the TFLOP/s are "model FLOPs" of the algorithm
+as run. SPEC's "about 1 + 2 forwards" counts the algorithm without the chunked recomputation;
+the JSON gives `flops_per_step` so either can be derived.
 
 Memory: `peak_mem_bytes` is `device.memory_stats()["peak_bytes_in_use"]` where the backend has
 it (GPU, TPU; mem_source "memory_stats", the process-wide peak, so one run per process); else
@@ -105,12 +106,22 @@ def vit_flops(cfg, tokens: int | None = None) -> float:
     return 2.0 * (patch + cfg.depth * block)
 
 
-def step_flops(vit_cfg, step_cfg) -> float:
-    """Model FLOPs of one chunked step (see the module docstring for the convention)."""
+def syn_passes(step_cfg, num_devices: int = 1) -> int:
+    """Forward equivalents per synthetic row: 3 when the per-device batch is split into chunks
+    (features, then forward again and backward-to-input in the VJP pass), 2 when it runs as one
+    chunk (the VJP's forward gives the features)."""
+    from lgm_jax import lgm
+
+    local = step_cfg.num_real // num_devices
+    return 3 if lgm.chunk_size(local, step_cfg.chunk_size) < local else 2
+
+
+def step_flops(vit_cfg, step_cfg, num_devices: int = 1) -> float:
+    """Model FLOPs of one step (see the module docstring for the convention)."""
     f = vit_flops(vit_cfg)
     real = step_cfg.num_real if step_cfg.real_input == "images" else 0
     syn = step_cfg.aug_rounds * step_cfg.num_syn
-    return f * (real + 3 * syn)
+    return f * (real + syn_passes(step_cfg, num_devices) * syn)
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -267,7 +278,7 @@ def run(args) -> dict:
         print("warning: the last step was not finite", file=sys.stderr)
     times = np.asarray(times)
     median = float(np.median(times))
-    flops = step_flops(vcfg, cfg)
+    flops = step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1)
     tflops = flops / median / 1e12
     dev = jax.devices()[0]
     peak = peak_tflops(dev.device_kind, args.dtype)

@@ -15,9 +15,10 @@ Parameter tree (flax.linen names; optional parts in brackets):
     norm2, mlp/{fc1, fc2 | fc1_g, fc1_x, [norm], fc2}, [ls2/scale]},
     [norm], [fc_norm], [proj/kernel].
 
-Token order: [CLS, registers, patches (row-major), padding]. Padding (to a multiple of
-`token_multiple`, for fused attention kernels) is masked out of every key set and never pooled,
-so it does not change the features.
+Token order: [CLS, registers, patches (row-major)]. Inside attention, queries, keys and values
+may be padded to a multiple of `token_multiple` tokens (for fused attention kernels); the padding
+keys are masked out and the padding queries dropped, so it does not change the features, and the
+rest of the block (projections, MLP) runs on the real tokens only.
 
 Input: images [B, H, W, 3], already normalised. Output: features [B, feature_dim] in float32
 (float64 when dtype is "float64", which the finite-difference tests use under jax_enable_x64).
@@ -76,7 +77,8 @@ class ViTConfig:
     dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
-    # Pad the token count to a multiple of this (masked keys); 0: 64 for cudnn, none for xla.
+    # Pad the attention sequence to a multiple of this (masked keys, dropped queries); 0: 64 for
+    # cudnn, none for xla. The projections and MLP always run on the real tokens.
     token_multiple: int = 0
 
     @property
@@ -115,8 +117,8 @@ class Attention(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x, rope=None, num_valid=None):
-        """x [B, N, D]; rope (sin, cos) [N, head_dim] or None; num_valid: unpadded N or None."""
+    def __call__(self, x, rope=None):
+        """x [B, N, D]; rope (sin, cos) [N, head_dim] or None."""
         cfg, dt = self.cfg, _dtype(self.cfg)
         b, n, d = x.shape
         hd = d // cfg.heads
@@ -145,12 +147,16 @@ class Attention(nn.Module):
             # At least float32, cast back: as timm, whose sin/cos stay float32 under autocast.
             q = (q * cos + _rotate_pairs(q) * sin).astype(dt)
             k = (k * cos + _rotate_pairs(k) * sin).astype(dt)
+        num_valid, m = None, cfg.pad_multiple
+        if n % m:  # pad the sequence for the kernel; the padding keys are masked below
+            num_valid, pad = n, ((0, 0), (0, -n % m), (0, 0), (0, 0))
+            q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
         if cfg.attention == "xla":
             # Softmax in at least float32 (bf16 logits lose too much), at full width otherwise.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
             logits = logits.astype(jnp.promote_types(dt, jnp.float32))
             if num_valid is not None:  # padding keys get no weight
-                logits = jnp.where(jnp.arange(n) < num_valid, logits, -jnp.inf)
+                logits = jnp.where(jnp.arange(k.shape[1]) < num_valid, logits, -jnp.inf)
             probs = jax.nn.softmax(logits, axis=-1)
             o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
         else:
@@ -160,7 +166,7 @@ class Attention(nn.Module):
             o = jax.nn.dot_product_attention(
                 q, k, v, key_value_seq_lengths=lengths, implementation=cfg.attention
             )
-        return nn.Dense(d, dtype=dt, name="out")(o.reshape(b, n, d))
+        return nn.Dense(d, dtype=dt, name="out")(o[:, :n].reshape(b, n, d))
 
 
 class Mlp(nn.Module):
@@ -200,11 +206,11 @@ class Block(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x, rope=None, num_valid=None):
+    def __call__(self, x, rope=None):
         cfg, dt = self.cfg, _dtype(self.cfg)
         norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name=name)
         scale = (lambda name: LayerScale(name=name)) if cfg.layer_scale else (lambda name: None)
-        h = Attention(cfg, name="attn")(norm("norm1")(x), rope, num_valid)
+        h = Attention(cfg, name="attn")(norm("norm1")(x), rope)
         ls1 = scale("ls1")
         x = x + (ls1(h) if ls1 else h)
         h = Mlp(cfg, name="mlp")(norm("norm2")(x))
@@ -320,18 +326,12 @@ class ViT(nn.Module):
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
         if cfg.pre_norm:
             x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="pre_norm")(x)
-        n = x.shape[1]
-        padded = -(-n // cfg.pad_multiple) * cfg.pad_multiple
-        num_valid = None
-        if padded != n:
-            x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0)))
-            num_valid = n
         rope = None
         if cfg.rope:
-            rope = tuple(jnp.asarray(t) for t in rope_tables(cfg, g, padded))
+            rope = tuple(jnp.asarray(t) for t in rope_tables(cfg, g, x.shape[1]))
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.depth):
-            x = block(cfg, name=f"blocks_{i}")(x, rope, num_valid)
+            x = block(cfg, name=f"blocks_{i}")(x, rope)
         if cfg.final_norm:
             x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(x)
         if cfg.pool == "cls":
