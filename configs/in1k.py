@@ -7,6 +7,8 @@ Needs the tfds dataset prepared (docs/data.md) and converted DINOv2 weights
 (docs/backbones.md). 5001 updates; expected time: not yet measured on a GPU (BENCHMARKS.md;
 the reference does not fit ImageNet-1k on one H200 and used four GPUs); expected result:
 75.0% top-1 (paper Table 1).
+On several devices (a TPU slice, a multi-GPU host) add `--config.state_sharding=class` to split
+the pyramid and its Adam moments by image (the 1000 images must divide over the devices).
 Append `:smoke` to the config path (configs/in1k.py:smoke) for a 3-step run with a tiny random
 backbone that checks the data and the plumbing on a CPU.
 """

@@ -74,3 +74,18 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path):
     args = benchmark.parse(["--config", f"{cfg}:smoke", "--aug-rounds", "3"])
     assert (args.classes, args.aug_rounds, args.chunk, args.real) == (2, 3, 64, "features")
     assert benchmark.parse(["--config", str(cfg)]).classes == 100
+
+
+def test_step_flops_count_the_recomputed_forward_only_when_chunked():
+    from lgm_jax import lgm
+
+    vit = benchmark.vit_config("tiny", 28, "float32", False)
+    f = benchmark.vit_flops(vit)
+    whole = lgm.StepConfig(num_classes=10, aug_rounds=2)  # 20 real + 20 synthetic rows
+    chunked = lgm.StepConfig(num_classes=10, aug_rounds=2, chunk_size=5)
+    cached = lgm.StepConfig(num_classes=10, aug_rounds=2, chunk_size=5, real_input="features")
+    assert benchmark.step_flops(vit, whole) == f * (20 + 2 * 20)
+    assert benchmark.step_flops(vit, chunked) == f * (20 + 3 * 20)
+    assert benchmark.step_flops(vit, cached) == f * 3 * 20
+    # Over 4 devices each holds 5 rows: chunk 5 is the whole per-device batch.
+    assert benchmark.step_flops(vit, chunked, num_devices=4) == f * (20 + 2 * 20)

@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md in one go, on one H100/H200 (~8 minutes; jax with CUDA installed).
+# The GPU rows of BENCHMARKS.md in one go, on one H100/H200 (~9 minutes).
 #
 #     bash tools/gpu_bench.sh            # JSON to $OUT/gpu_bench (or ./gpu_bench_out), log to stdout
 #
-# DINOv2 ViT-B/14, bfloat16, random weights, synthetic data already on the device, full
-# pyramid (1..256 px), crops to 224 px. One process per row, so that each row's
-# peak_bytes_in_use is its own; each row has a time limit so that one failure (out of memory,
-# a hang) does not use up the budget. Rows in order of importance.
+# Needs jax with CUDA, flax and optax (the device image's python3 has them; lgm_jax is used from
+# this checkout through PYTHONPATH, nothing is installed). DINOv2 ViT-B/14, bfloat16, random
+# weights, synthetic data already on the device, full pyramid (1..256 px), crops to 224 px.
+# One process per row, so that each row's peak_bytes_in_use is its own; each row has a time
+# limit so that one failure (out of memory, a hang) does not use up the budget. Rows in order of
+# importance; a summary table is printed last.
+#
+# GOLDEN=path/to/golden/lgm_step also runs tools/golden_check.py on the GPU first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_bench_out}/gpu_bench"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
-py="${PYTHON:-python}"
+py="${PYTHON:-python3}"
 common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --image-res 224
   --steps 5 --warmup 1)
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$out/gpu.txt"
-"$py" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
+"$py" -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" \
+  | tee -a "$out/gpu.txt"
+
+if [ -n "${GOLDEN:-}" ]; then
+  echo "== golden check on the GPU"
+  timeout 120 "$py" tools/golden_check.py --golden "$GOLDEN" >"$out/golden.txt" 2>&1
+  echo "golden rc $?: $(tail -n 1 "$out/golden.txt")"
+fi
 
 row() {  # name, time limit (s), flags...
   local name=$1 limit=$2
@@ -28,9 +39,26 @@ row() {  # name, time limit (s), flags...
     2>"$out/$name.err" || echo "!! $name failed (rc $?): $(tail -n 1 "$out/$name.err")"
 }
 
-row in100_online 120 --classes 100 --aug-rounds 10 --real images --chunk 200
-row in1k_online 150 --classes 1000 --aug-rounds 3 --real images --chunk 200
-row in100_cached 100 --classes 100 --aug-rounds 10 --real features --chunk 200
-row in1k_cached 120 --classes 1000 --aug-rounds 3 --real features --chunk 200
-row c10_online 60 --classes 10 --aug-rounds 10 --real images --chunk 100
+# ImageNet-100 (C = 100, K = 10: 1000 synthetic rows + 1000 real images), fused attention.
+row in100_cached 100 --classes 100 --aug-rounds 10 --real features --chunk 200 --attention cudnn
+row in100_online 110 --classes 100 --aug-rounds 10 --real images --chunk 200 --attention cudnn
+# ImageNet-1k (C = 1000, K = 3: 3000 + 3000).
+row in1k_online 150 --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
+# What the fused kernel buys, and other chunkings of the ImageNet-100 step.
+row in100_online_xla 110 --classes 100 --aug-rounds 10 --real images --chunk 200
+row in100_cached_c500 100 --classes 100 --aug-rounds 10 --real features --chunk 500 --attention cudnn
+row in100_cached_whole_remat 100 --classes 100 --aug-rounds 10 --real features --remat --attention cudnn
+# The reference's smallest setting (10 classes, K = 10), one chunk: 2 forwards per synthetic row.
+row c10_online 60 --classes 10 --aug-rounds 10 --real images --attention cudnn
+
+"$py" - "$out" <<'EOF'
+import glob, json, os, sys
+print(f"{'row':28s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'TFLOP/s':>8s} {'peak':>6s} {'GiB':>7s} {'compile':>8s}")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    r = json.load(open(path))
+    frac = r.get("peak_fraction")
+    print(f"{os.path.basename(path)[:-5]:28s} {r['step_s_median']:9.4f} {r['step_s_p10']:7.4f} "
+          f"{r['step_s_p90']:7.4f} {r['tflops']:8.1f} {(frac or 0) * 100:5.1f}% "
+          f"{(r['peak_mem_bytes'] or 0) / 2**30:7.2f} {r['compile_s']:7.1f}s")
+EOF
 echo "JSON in $out"
