@@ -256,7 +256,14 @@ def build_backbone(config):
     """(features_fn, params, feature_dim) for config.backbone (converted weights if given)."""
     from lgm_jax.models import registry
 
-    overrides = dict(image_size=config.image_res, dtype=config.dtype, remat=config.remat)
+    if config.attention not in ("xla", "cudnn"):
+        raise ValueError(f"attention must be 'xla' or 'cudnn', got {config.attention!r}")
+    overrides = dict(
+        image_size=config.image_res,
+        dtype=config.dtype,
+        remat=config.remat,
+        attention=config.attention,
+    )
     backbone, params = registry.build(config.backbone, config.weights or None, **overrides)
     return registry.features_fn(backbone), params, backbone.feature_dim
 
