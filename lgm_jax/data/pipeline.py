@@ -17,7 +17,9 @@ either way it is counted and logged once (`skipped_images()`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import threading
 
 import grain
@@ -29,26 +31,29 @@ from lgm_jax.data.sources import CorruptImage, Dataset
 log = logging.getLogger(__name__)
 
 _bad_lock = threading.Lock()
-_bad: set[tuple[int, int]] = set()  # (id(source), index) of images found corrupt
+# id(source) -> (source, indices of its images found corrupt). The source is held so that its
+# id cannot be reused by another source while the entry exists.
+_bad: dict[int, tuple[object, set[int]]] = {}
 
 
 def skipped_images() -> int:
     """How many distinct corrupt images the pipelines of this process have skipped."""
     with _bad_lock:
-        return len(_bad)
+        return sum(len(indices) for _, indices in _bad.values())
 
 
 def read_or_skip(source, i: int) -> dict | None:
     """source[i], or None (counted, logged once) if the image is corrupt."""
-    key = (id(source), int(i))
-    if key in _bad:
+    entry = _bad.get(id(source))
+    if entry is not None and entry[0] is source and int(i) in entry[1]:
         return None
     try:
         return source[int(i)]
     except CorruptImage as e:
         with _bad_lock:
-            _bad.add(key)
-            n = len(_bad)
+            held, indices = _bad.setdefault(id(source), (source, set()))
+            indices.add(int(i))
+            n = sum(len(ix) for _, ix in _bad.values())
         log.warning("skipping a corrupt image (%d skipped so far): %s", n, e)
         return None
 
@@ -90,13 +95,16 @@ class TrainBatches:
 
     Epoch e = k // batches_per_epoch is a permutation of this process's shard seeded by
     (seed, process, e); batch j of it takes positions [jB, (j+1)B) and the rest is dropped.
-    A crop's offsets are drawn from (seed, process, k, row).
+    A crop's offsets are drawn from (seed, process, k, row). The images of a batch are read,
+    decoded and cropped by `threads` threads (PIL and the record readers release the GIL);
+    the batch does not depend on how many.
     """
 
-    def __init__(self, source, indices, batch_size, seed, res, process_index=0):
+    def __init__(self, source, indices, batch_size, seed, res, process_index=0, threads=0):
         self.source, self.indices = source, np.asarray(indices)
         self.batch_size, self.seed, self.res = batch_size, seed, res
         self.process_index = process_index
+        self.threads = threads or min(32, os.cpu_count() or 1)
         self.per_epoch = len(self.indices) // batch_size
         if self.per_epoch == 0:
             raise ValueError(
@@ -109,10 +117,24 @@ class TrainBatches:
     def __getstate__(self):  # picklable for grain's worker processes (num_workers > 0)
         state = dict(self.__dict__)
         del state["_lock"], state["_perms"]
+        state.pop("_pool", None), state.pop("_pool_pid", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state, _perms={}, _lock=threading.Lock())
+
+    def _map(self, fn, items):
+        if self.threads <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with self._lock:
+            # One pool per process: a forked worker (grain's mp_prefetch) must not reuse the
+            # parent's, whose threads it does not have.
+            if getattr(self, "_pool_pid", None) != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="decode"
+                )
+                self._pool_pid = os.getpid()
+        return list(self._pool.map(fn, items))
 
     def permutation(self, epoch: int) -> np.ndarray:
         with self._lock:
@@ -129,16 +151,25 @@ class TrainBatches:
         b = self.batch_size
         # Replacements for corrupt images: the epoch's dropped tail first, then the rest.
         spare = iter(np.concatenate([order[(j + 1) * b :], order[: j * b]]))
-        rng = np.random.default_rng([self.seed, self.process_index, 1 << 30, int(k)])
-        images, labels, index = [], [], []
-        for i in order[j * b : (j + 1) * b]:
+
+        def load(row_and_index):
+            row, i = row_and_index
             ex = read_or_skip(self.source, i)
-            while ex is None:
+            if ex is None:
+                return None
+            rng = np.random.default_rng([self.seed, self.process_index, 1 << 30, int(k), row])
+            return random_crop(resize_shorter(ex["image"], self.res), self.res, rng), ex, i
+
+        loaded = self._map(load, list(enumerate(order[j * b : (j + 1) * b])))
+        images, labels, index = [], [], []
+        for row, got in enumerate(loaded):
+            while got is None:  # rare: fill the slot in order, from the spares
                 i = next(spare, None)
                 if i is None:
                     raise RuntimeError("every image of this process's shard is corrupt")
-                ex = read_or_skip(self.source, i)
-            images.append(random_crop(resize_shorter(ex["image"], self.res), self.res, rng))
+                got = load((row, i))
+            image, ex, i = got
+            images.append(image)
             labels.append(ex["label"])
             index.append(i)
         return {
