@@ -50,6 +50,7 @@ def base() -> ml_collections.ConfigDict:
     # must divide over the devices). Checkpoints restore into either.
     c.state_sharding = "replicated"
     c.prefetch = 2  # real batches loaded ahead of the step, in a background thread
+    c.data_threads = 0  # threads decoding one batch's images; 0 = min(32, CPUs)
 
     # The paper's linear-probe evaluation of the result, run at the end (python -m
     # lgm_jax.evaluate does the same on any workdir later).

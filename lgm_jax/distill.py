@@ -302,6 +302,7 @@ def _real_source(config, ds, step_cfg, params, process_index, process_count):
         config.seed,
         config.syn_res,
         process_index,
+        threads=config.data_threads,
     )
 
     def from_images(step):

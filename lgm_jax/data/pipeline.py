@@ -189,6 +189,7 @@ def train_iterator(
     process_count: int = 1,
     num_workers: int = 0,
     num_threads: int = 4,
+    decode_threads: int = 0,
     split: str = "train",
 ):
     """An infinite grain iterator of this process's training batches.
@@ -196,7 +197,8 @@ def train_iterator(
     Yields {"image": uint8 [B, res, res, 3], "label": int32 [B], "index": int32 [B]} with
     B = batch_size (per process) and "index" the image's position in the split. Supports
     `get_state()` / `set_state(state)` (a small dict) for checkpointing. `num_workers` > 0 decodes
-    in that many worker processes (grain mp_prefetch).
+    in that many worker processes (grain mp_prefetch); `decode_threads` decode one batch's
+    images (0: min(32, CPUs)).
     """
     source = ds.source(split)
     batches = TrainBatches(
@@ -206,6 +208,7 @@ def train_iterator(
         seed,
         res,
         process_index,
+        threads=decode_threads,
     )
     mds = grain.MapDataset.range(batches.per_epoch).repeat(None)
     mds = mds.map_with_index(lambda k, _: batches(k))
