@@ -66,6 +66,8 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.max_nonfinite = 20  # consecutive non-finite steps before the run stops
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    # Persistent XLA compilation cache ("" = off; the JAX_COMPILATION_CACHE_DIR variable wins).
+    c.compilation_cache = "~/.cache/lgm_jax/xla"
     return c
 
 

@@ -318,6 +318,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
 
     if config.get("distributed", False):
         jax.distributed.initialize()
+    if config.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Each pyramid level re-traces the step; a restarted (preempted) run finds its
+        # programs here instead of compiling them again.
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
     os.makedirs(workdir, exist_ok=True)
     ds = data.get_dataset(config.dataset, config.data_dir or None)
     if config.get("num_classes"):
