@@ -129,27 +129,28 @@ def save_set(out: str, images, labels, **meta) -> str:
 # CLI commands (data and backbone registries imported lazily)
 
 
-def _train_stream(ds, batch_size: int):
-    """Train images as the baselines keep them: resize 256, centre crop 256."""
+def _train_stream(ds, batch_size: int, image_res: int | None = None):
+    """Train images as the baselines keep them: shorter side resized to image_res (256), centre
+    crop image_res."""
     from lgm_jax import data
 
-    res = ev.SYN_RES
+    res = image_res or ev.SYN_RES
     return lambda: data.eval_iterator(ds, "train", batch_size, res=res, resize=res)
 
 
-def _train_embeddings(ds, backbone: str, weights, batch_size: int):
+def _train_embeddings(ds, backbone: str, weights, batch_size: int, image_res: int | None = None):
     features, params, _, res, mean, std = ev.build_backbone(backbone, weights)
     cfg = ev.probe_config(ds.num_classes, res, mean, std, epochs=1)
-    stream = _train_stream(ds, batch_size)
+    stream = _train_stream(ds, batch_size, image_res)
     feats, labels = embed(features, params, stream(), cfg)
     return feats, labels, stream, (features, params, cfg)
 
 
-def run_random(dataset, out, seeds=5, seed=0, batch_size=256) -> list[str]:
+def run_random(dataset, out, seeds=5, seed=0, batch_size=256, image_res=None) -> list[str]:
     from lgm_jax import data
 
     ds = data.get_dataset(dataset)
-    stream = _train_stream(ds, batch_size)
+    stream = _train_stream(ds, batch_size, image_res)
     labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"], bool)] for b in stream()])
     paths = []
     for k in range(seeds):
@@ -166,11 +167,11 @@ def run_random(dataset, out, seeds=5, seed=0, batch_size=256) -> list[str]:
     return paths
 
 
-def run_centroids(dataset, backbone, out, weights=None, batch_size=256) -> str:
+def run_centroids(dataset, backbone, out, weights=None, batch_size=256, image_res=None) -> str:
     from lgm_jax import data
 
     ds = data.get_dataset(dataset)
-    feats, labels, stream, _ = _train_embeddings(ds, backbone, weights, batch_size)
+    feats, labels, stream, _ = _train_embeddings(ds, backbone, weights, batch_size, image_res)
     idx = centroid_indices(feats, labels, ds.num_classes)
     return save_set(
         out,
@@ -182,18 +183,23 @@ def run_centroids(dataset, backbone, out, weights=None, batch_size=256) -> str:
     )
 
 
-def run_neighbors(distilled, backbone, out, dataset=None, weights=None, batch_size=256) -> str:
+def run_neighbors(
+    distilled, backbone, out, dataset=None, weights=None, batch_size=256, image_res=None
+) -> str:
+    """The real train images nearest (in backbone features) to each distilled image, at the
+    distilled images' resolution unless image_res says otherwise."""
     from lgm_jax import data
 
     images, syn_labels, meta = ev.load_distilled(distilled)
-    ev.check_images(images, ev.SYN_RES)
+    image_res = image_res or images.shape[1]
+    ev.check_images(images, image_res)
     dataset = dataset or meta.get("dataset")
     if not dataset:
         raise ev.InputError(f"{meta['path']} does not record its dataset; pass --dataset NAME")
     ds = data.get_dataset(dataset)
     syn_labels = ev.check_labels(syn_labels, len(images), ds.num_classes, dataset)
     feats, labels, stream, (features, params, cfg) = _train_embeddings(
-        ds, backbone, weights, batch_size
+        ds, backbone, weights, batch_size, image_res
     )
     q, _ = embed(features, params, probe.array_batches(images, syn_labels, batch_size), cfg)
     idx = neighbor_indices(q, syn_labels, feats, labels)
@@ -266,6 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         c.add_argument("--weights", default=None)
         c.add_argument("--batch-size", type=int, default=256, help="embedding batch")
         c.add_argument("--seed", type=int, default=0)
+        if name != "full":
+            c.add_argument(
+                "--image-res",
+                type=int,
+                default=None,
+                help=f"side of the saved images (default {ev.SYN_RES}; neighbors: that of the "
+                "distilled images)",
+            )
     cmds["random"].add_argument("--seeds", type=int, default=5)
     cmds["neighbors"].add_argument("--distilled", required=True)
     for name in ("centroids", "neighbors"):
@@ -279,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.cmd == "random":
-            paths = run_random(a.dataset, a.out, a.seeds, a.seed, a.batch_size)
+            res_out = a.image_res or ev.SYN_RES
+            paths = run_random(a.dataset, a.out, a.seeds, a.seed, a.batch_size, res_out)
             print("wrote", *paths, sep="\n  ")
             if a.backbone:
                 res = ev.evaluate(
@@ -287,19 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     a.backbone,
                     weights=a.weights,
                     seeds=len(paths),
+                    image_res=res_out,
                     out=os.path.join(a.out, "eval", a.backbone.replace("/", "_")),
                 )
                 print(ev.TABLE_HEAD, ev.format_row(res), sep="\n")
         elif a.cmd in ("centroids", "neighbors"):
             if a.cmd == "centroids":
-                path = run_centroids(a.dataset, a.backbone, a.out, a.weights, a.batch_size)
+                path = run_centroids(
+                    a.dataset, a.backbone, a.out, a.weights, a.batch_size, a.image_res or ev.SYN_RES
+                )
             else:
                 path = run_neighbors(
-                    a.distilled, a.backbone, a.out, a.dataset, a.weights, a.batch_size
+                    a.distilled, a.backbone, a.out, a.dataset, a.weights, a.batch_size, a.image_res
                 )
             print("wrote", path)
             if a.evaluate:
-                res = ev.evaluate(a.out, a.backbone, weights=a.weights, seed=a.seed)
+                saved = np.load(os.path.join(a.out, "synthetic.npz"))["images"].shape[1]
+                res = ev.evaluate(
+                    a.out, a.backbone, weights=a.weights, seed=a.seed, image_res=saved
+                )
                 print(ev.TABLE_HEAD, ev.format_row(res), sep="\n")
         else:
             res = run_full(

@@ -54,10 +54,14 @@ def test_selection_commands_end_to_end(tmp_path, fake_registries, monkeypatch): 
     rng = np.random.default_rng(7)
     train_x, train_y = colour_images(24, 4, rng)
     monkeypatch.setattr(ev, "SYN_RES", SRC)
+    sizes = []  # the image sizes the commands ask the train stream for
     monkeypatch.setattr(
         data,
         "eval_iterator",
-        lambda ds, split, bs, res, resize: probe.array_batches(train_x, train_y, bs),
+        lambda ds, split, bs, res, resize: (
+            sizes.append((res, resize)),
+            probe.array_batches(train_x, train_y, bs),
+        )[1],
     )
     paths = bl.run_random("colours", str(tmp_path / "random"), seeds=2, batch_size=5)
     for path in paths:
@@ -98,6 +102,9 @@ def test_selection_commands_end_to_end(tmp_path, fake_registries, monkeypatch): 
     bl.run_neighbors(str(tmp_path / "run"), "tiny", str(tmp_path / "nb"), batch_size=5)
     images, labels, _ = ev.load_distilled(str(tmp_path / "nb"))
     np.testing.assert_array_equal(images, train_x[[5, 2, 0, 3]])
+    assert sizes[-1] == (SRC, SRC)  # neighbours at the distilled images' size
+    bl.run_random("colours", str(tmp_path / "r7"), seeds=1, batch_size=5, image_res=7)
+    assert sizes[-1] == (7, 7)
 
 
 def test_report_table_and_chart(tmp_path):
