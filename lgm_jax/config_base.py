@@ -15,6 +15,7 @@ def base() -> ml_collections.ConfigDict:
     c.image_res = 224  # backbone input resolution
     c.dtype = "bfloat16"  # backbone compute: "float32" or "bfloat16"
     c.remat = False  # rematerialise backbone blocks in the backward pass
+    c.remat_policy = "block"  # "block" (keep block inputs) or "matmuls" (also q/k/v, MLP hidden)
     # Attention kernel: "xla" (anywhere) or "cudnn" (fused; NVIDIA GPUs, bfloat16 only).
     c.attention = "xla"
     c.mean = lgm.IMAGENET_MEAN

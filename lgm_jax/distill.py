@@ -262,6 +262,7 @@ def build_backbone(config):
         image_size=config.image_res,
         dtype=config.dtype,
         remat=config.remat,
+        remat_policy=config.remat_policy,
         attention=config.attention,
     )
     backbone, params = registry.build(config.backbone, config.weights or None, **overrides)

@@ -160,15 +160,18 @@ def test_token_padding_leaves_features_unchanged(name):
     np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_remat_same_gradient():
+@pytest.mark.parametrize("policy", ["block", "matmuls"])
+def test_remat_same_gradient(policy):
     backbone, params = registry.build("dinov2_tiny", depth=1)
     x = jax.random.normal(jax.random.key(2), (2, 28, 28, 3))
-    remat = registry.Backbone("dinov2_tiny", "dinov2", backbone.config.replace(remat=True))
+    cfg = backbone.config.replace(remat=True, remat_policy=policy)
+    remat = registry.Backbone("dinov2_tiny", "dinov2", cfg)
     grads = [
         jax.grad(lambda x, b=b: registry.features_fn(b)(params, x).sum())(x)
         for b in (backbone, remat)
     ]
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(grads[0]).max()) > 0
 
 
 # EVA-02 (rope, SwiGLU, mean pooling) always runs; the others are marked slow (a compile each).

@@ -151,13 +151,26 @@ def git_commit() -> str:
     return _COMMIT[0]
 
 
-def vit_config(backbone: str, image_res: int, dtype: str, remat: bool, attention: str = "xla"):
+def vit_config(
+    backbone: str,
+    image_res: int,
+    dtype: str,
+    remat: bool,
+    attention: str = "xla",
+    remat_policy: str = "block",
+):
     from lgm_jax.models import dinov2
 
     if backbone not in BACKBONES:
         raise SystemExit(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
     name = BACKBONES[backbone]
-    kw = dict(image_size=image_res, dtype=dtype, remat=remat, attention=attention)
+    kw = dict(
+        image_size=image_res,
+        dtype=dtype,
+        remat=remat,
+        attention=attention,
+        remat_policy=remat_policy,
+    )
     if name is None:  # tiny: width 64, depth 2, heads 4, patch 14
         return dinov2.variant("S/14", width=64, depth=2, heads=4, mlp_dim=256, pos_grid=4, **kw)
     return dinov2.variant(name, **kw)
@@ -183,6 +196,8 @@ def config_defaults(path: str) -> dict:
         "real_input": "real",
         "dtype": "dtype",
         "remat": "remat",
+        "remat_policy": "remat_policy",
+        "attention": "attention",
     }
     out = {}
     for scope in scopes:
@@ -202,7 +217,9 @@ def build(args):
     from lgm_jax import augment, lgm, pyramid
     from lgm_jax.models.vit import ViT
 
-    vcfg = vit_config(args.backbone, args.image_res, args.dtype, args.remat, args.attention)
+    vcfg = vit_config(
+        args.backbone, args.image_res, args.dtype, args.remat, args.attention, args.remat_policy
+    )
     cfg = lgm.StepConfig(
         num_classes=args.classes,
         ipc=args.ipc,
@@ -301,6 +318,7 @@ def run(args) -> dict:
                 "chunk",
                 "dtype",
                 "remat",
+                "remat_policy",
                 "attention",
                 "syn_res",
                 "image_res",
@@ -339,7 +357,8 @@ def print_result(r: dict) -> None:
         f" | {r['date']}"
     )
     print(
-        f"{c['backbone']} {c['dtype']}{' remat' if c['remat'] else ''} | C={c['classes']} "
+        f"{c['backbone']} {c['dtype']}{' remat ' + c['remat_policy'] if c['remat'] else ''}"
+        f" | C={c['classes']} "
         f"ipc={c['ipc']} K={c['aug_rounds']} real={c['real']} chunk={c['chunk']} "
         f"syn_res={c['syn_res']} image_res={c['image_res']}"
     )
@@ -423,7 +442,7 @@ def setting_argv(args) -> list[str]:
     """The flags of one run (everything but classes, chunk, the mode and the output)."""
     out = []
     for k in ("backbone", "ipc", "aug_rounds", "real", "dtype", "steps", "warmup", "syn_res",
-              "image_res", "real_res", "attention"):  # fmt: skip
+              "image_res", "real_res", "attention", "remat_policy"):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             out += ["--" + k.replace("_", "-"), str(v)]
@@ -454,6 +473,12 @@ def parse(argv):
     p.add_argument("--chunk", type=int, default=None, help="rows per backbone call")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--remat-policy",
+        default="block",
+        choices=("block", "matmuls"),
+        help="with --remat: keep only block inputs, or also the q/k/v and MLP-hidden outputs",
+    )
     p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -33,8 +33,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lgm_jax import resample
+
+# Residual names tagged in the blocks (see ViTConfig.remat_policy).
+REMAT_POLICIES = {
+    "block": None,
+    "matmuls": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +83,10 @@ class ViTConfig:
     # Compute options (not part of the checkpoint):
     dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
+    # What a rematerialised block keeps from its forward pass: "block" (only its input; the
+    # whole block runs again) or "matmuls" (also the q/k/v and MLP-hidden projections, so
+    # only norms, attention and activations run again).
+    remat_policy: str = "block"
     attention: str = "xla"  # passed to jax.nn.dot_product_attention: "xla" or "cudnn"
     # Pad the attention sequence to a multiple of this (masked keys, dropped queries); 0: 64 for
     # cudnn, none for xla. The projections and MLP always run on the real tokens.
@@ -124,6 +135,7 @@ class Attention(nn.Module):
         hd = d // cfg.heads
         if cfg.qkv_fused:
             qkv = nn.Dense(3 * d, use_bias=cfg.qkv_bias and cfg.k_bias, dtype=dt, name="qkv")(x)
+            qkv = checkpoint_name(qkv, "qkv")
             if cfg.qkv_bias and not cfg.k_bias:
                 qb = self.param("q_bias", nn.initializers.zeros, (d,))
                 vb = self.param("v_bias", nn.initializers.zeros, (d,))
@@ -137,9 +149,9 @@ class Attention(nn.Module):
                 "value": cfg.qkv_bias,
             }
             q, k, v = (
-                nn.Dense(d, use_bias=bias[name], dtype=dt, name=name)(x).reshape(
-                    b, n, cfg.heads, hd
-                )
+                checkpoint_name(
+                    nn.Dense(d, use_bias=bias[name], dtype=dt, name=name)(x), "qkv"
+                ).reshape(b, n, cfg.heads, hd)
                 for name in ("query", "key", "value")
             )
         if rope is not None:
@@ -176,15 +188,16 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg, dt = self.cfg, _dtype(self.cfg)
         dense = lambda features, name: nn.Dense(features, dtype=dt, name=name)
+        hidden = lambda features, name: checkpoint_name(dense(features, name)(x), "mlp_hidden")
         if cfg.mlp == "gelu":
-            h = jax.nn.gelu(dense(cfg.mlp_dim, "fc1")(x), approximate=False)
+            h = jax.nn.gelu(hidden(cfg.mlp_dim, "fc1"), approximate=False)
         elif cfg.mlp == "quick_gelu":
-            h = dense(cfg.mlp_dim, "fc1")(x)
+            h = hidden(cfg.mlp_dim, "fc1")
             h = h * jax.nn.sigmoid(1.702 * h)
         elif cfg.mlp == "swiglu":
-            h = jax.nn.silu(dense(cfg.mlp_dim, "fc1_g")(x)) * dense(cfg.mlp_dim, "fc1_x")(x)
+            h = jax.nn.silu(hidden(cfg.mlp_dim, "fc1_g")) * hidden(cfg.mlp_dim, "fc1_x")
         elif cfg.mlp == "swiglu_packed":
-            gate, h = jnp.split(dense(2 * cfg.mlp_dim, "fc1")(x), 2, axis=-1)
+            gate, h = jnp.split(hidden(2 * cfg.mlp_dim, "fc1"), 2, axis=-1)
             h = jax.nn.silu(gate) * h
         else:
             raise ValueError(f"unknown mlp type {cfg.mlp!r}")
@@ -329,7 +342,11 @@ class ViT(nn.Module):
         rope = None
         if cfg.rope:
             rope = tuple(jnp.asarray(t) for t in rope_tables(cfg, g, x.shape[1]))
-        block = nn.remat(Block) if cfg.remat else Block
+        if cfg.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat_policy {cfg.remat_policy!r}; use one of {sorted(REMAT_POLICIES)}"
+            )
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
         for i in range(cfg.depth):
             x = block(cfg, name=f"blocks_{i}")(x, rope)
         if cfg.final_norm:
