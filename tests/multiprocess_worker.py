@@ -8,12 +8,14 @@ processes joined with `jax.distributed`:
 
 It loads the inputs instead of initialising the model again (eager initialisation costs more
 CPU than the steps), puts its own contiguous block of the global real batch on its local devices
-as `distill.run` does, and writes the final levels (gathered from every process's devices when
-the state is class-sharded) and the step losses to OUT.npz.
+as `distill.run` does, saves the final state with orbax (every process its part, into one
+directory), restores it from that checkpoint alone, and writes the restored levels (gathered
+from every process's devices when the state is class-sharded) and the step losses to OUT.npz.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -83,9 +85,12 @@ def load_inputs(path, state_sharding: str = "replicated"):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def run_steps(inputs, state_sharding: str = "replicated", num_steps: int = NUM_STEPS):
+def run_steps(
+    inputs, state_sharding: str = "replicated", num_steps: int = NUM_STEPS, ckpt_dir=None
+):
     """`num_steps` sharded steps over all devices of all processes, the pyramid growing by one
-    level after the first: (levels, losses) as numpy."""
+    level after the first: (levels, losses) as numpy. With `ckpt_dir`, the final state is saved
+    with orbax by every process and the levels returned are those restored from it."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -112,7 +117,29 @@ def run_steps(inputs, state_sharding: str = "replicated", num_steps: int = NUM_S
             state = distill.grow_state(state, tx, "noise", place)
         state, metrics = step(state, params, real, labels)
         losses.append(float(metrics["loss"]))  # replicated, so readable in every process
+    if ckpt_dir is not None:
+        state = _save_and_restore(state, cfg, tx, place, ckpt_dir)
     return list(distill.host_levels(state.levels)), np.array(losses)
+
+
+def _save_and_restore(state, cfg, tx, place, ckpt_dir):
+    """What a preempted multi-host run does: every process saves its part of the state, then
+    restores it (into the same layout) from the checkpoint alone."""
+    import jax
+
+    from lgm_jax import config_base, distill, lgm
+
+    config = config_base.base()
+    mngr = distill.checkpoint_manager(ckpt_dir, config)
+    ident = {"run": "multiprocess"}
+    meta = {"identity": ident, "num_levels": len(state.levels), "step": int(state.step)}
+    distill.save_checkpoint(mngr, state, meta)
+    template = jax.eval_shape(lambda: lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2]))
+    restored, _ = distill.restore_checkpoint(mngr, config, template, tx, ident, place)
+    assert int(restored.step) == int(state.step) and len(restored.levels) == len(state.levels)
+    for new, old in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        assert new.sharding.is_equivalent_to(old.sharding, old.ndim), (new.sharding, old.sharding)
+    return restored
 
 
 def main(argv):
@@ -131,7 +158,9 @@ def main(argv):
         f"{jax.local_device_count()} local of {jax.device_count()} devices",
         flush=True,
     )
-    levels, losses = run_steps(load_inputs(inputs_path, state_sharding), state_sharding)
+    inputs = load_inputs(inputs_path, state_sharding)
+    ckpt_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "ckpt")
+    levels, losses = run_steps(inputs, state_sharding, ckpt_dir=ckpt_dir)
     np.savez(
         out,
         losses=losses,

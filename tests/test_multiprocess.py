@@ -1,5 +1,5 @@
 """Two processes of 4 CPU devices each, joined with `jax.distributed` over loopback, take the
-same LGM steps as one process of 8 devices.
+same LGM steps as one process of 8 devices, and save and restore their state with orbax.
 
 Each worker (tests/multiprocess_worker.py) puts its half of the real batch on its own devices
 with `jax.make_array_from_process_local_data`, as `distill.run` does; the psums of the step then
