@@ -89,3 +89,13 @@ def test_step_flops_count_the_recomputed_forward_only_when_chunked():
     assert benchmark.step_flops(vit, cached) == f * 3 * 20
     # Over 4 devices each holds 5 rows: chunk 5 is the whole per-device batch.
     assert benchmark.step_flops(vit, chunked, num_devices=4) == f * (20 + 2 * 20)
+
+
+def test_data_bench_times_every_thread_count(capsys):
+    import data_bench
+
+    argv = ["--images", "12", "--batch", "4", "--batches", "1", "--threads", "1", "2"]
+    assert data_bench.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    timed = [r for r in rows if len(r) == 3 and r[0] in ("1", "2")]
+    assert [r[0] for r in timed] == ["1", "2"] and all(float(r[2]) > 0 for r in timed)
