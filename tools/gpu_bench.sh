@@ -56,6 +56,9 @@ row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --atten
 row c10_online 60 --classes 10 --aug-rounds 10 --real images --attention cudnn
 row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features --remat --attention cudnn
 
+echo "== host data pipeline (JPEG read/decode/resize/crop), images/s by decoding threads"
+timeout 90 "$py" tools/data_bench.py --threads 1 4 8 16 2>&1 | tee "$out/data_bench.txt" | tail -n 5
+
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
 print(f"{'row':28s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'TFLOP/s':>8s} {'peak':>6s} {'GiB':>7s} {'compile':>8s}")

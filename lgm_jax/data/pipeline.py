@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -210,6 +209,8 @@ def train_iterator(
         process_index,
         threads=decode_threads,
     )
+    import grain  # here, so that TrainBatches alone works without it
+
     mds = grain.MapDataset.range(batches.per_epoch).repeat(None)
     mds = mds.map_with_index(lambda k, _: batches(k))
     ids = mds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
@@ -268,6 +269,8 @@ def eval_iterator(
         source, shard_indices(len(source), process_index, process_count), batch_size, res, resize
     )
     n = num_eval_batches(len(source), batch_size, process_count)
+    import grain
+
     mds = grain.MapDataset.range(n).map(batches)
     return iter(mds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
