@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md in one go, on one H100/H200 (~9 minutes).
+# The GPU rows of BENCHMARKS.md in one go, on one H100/H200 (at most ~9 minutes).
 #
 #     bash tools/gpu_bench.sh            # JSON to $OUT/gpu_bench (or ./gpu_bench_out), log to stdout
 #
@@ -20,6 +20,12 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 py="${PYTHON:-python3}"
 common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --image-res 224
   --steps 5 --warmup 1)
+# GPU_BENCH_SMOKE=1: the same script on a CPU with the tiny backbone, 10x fewer classes and XLA
+# attention, to check the script itself before spending device time on it.
+smoke="${GPU_BENCH_SMOKE:-0}"
+if [ "$smoke" = 1 ]; then
+  common=(--backbone tiny --dtype float32 --ipc 1 --syn-res 32 --image-res 28 --steps 1 --warmup 1)
+fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$out/gpu.txt"
 "$py" -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" \
@@ -31,9 +37,33 @@ if [ -n "${GOLDEN:-}" ]; then
   echo "golden rc $?: $(tail -n 1 "$out/golden.txt")"
 fi
 
+echo "== host data pipeline (JPEG read/decode/resize/crop), images/s by decoding threads"
+timeout 60 "$py" tools/data_bench.py --threads 1 4 8 16 --images $((smoke ? 40 : 300)) \
+  --batch $((smoke ? 10 : 100)) 2>&1 | tee "$out/data_bench.txt" | tail -n 5
+
+# The device runs one command for at most 10 minutes: rows stop being started when less than
+# 30 s of this budget (counted from the script's start) is left, and a row's limit never runs
+# past it.
+budget="${GPU_BENCH_BUDGET:-540}"
 row() {  # name, time limit (s), flags...
   local name=$1 limit=$2
   shift 2
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "!! $name skipped: the time budget (${budget} s) is spent"
+    return
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
+  if [ "$smoke" = 1 ]; then  # fewer classes, XLA attention, no chunk or remat-policy change
+    local args=() prev=""
+    for a in "$@"; do
+      if [ "$prev" = --classes ]; then a=$((a / 10)); fi
+      if [ "$a" = cudnn ]; then a=xla; fi
+      args+=("$a")
+      prev=$a
+    done
+    set -- "${args[@]}"
+  fi
   echo "== $name: $*"
   timeout "$limit" "$py" tools/benchmark.py "${common[@]}" "$@" --json "$out/$name.json" \
     2>"$out/$name.err" || echo "!! $name failed (rc $?): $(tail -n 1 "$out/$name.err")"
@@ -55,9 +85,6 @@ row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --atten
 # The reference's smallest setting (10 classes, K = 10), one chunk: 2 forwards per synthetic row.
 row c10_online 60 --classes 10 --aug-rounds 10 --real images --attention cudnn
 row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features --remat --attention cudnn
-
-echo "== host data pipeline (JPEG read/decode/resize/crop), images/s by decoding threads"
-timeout 90 "$py" tools/data_bench.py --threads 1 4 8 16 2>&1 | tee "$out/data_bench.txt" | tail -n 5
 
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
