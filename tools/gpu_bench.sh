@@ -10,7 +10,9 @@
 # limit so that one failure (out of memory, a hang) does not use up the budget. Rows in order of
 # importance; a summary table is printed last.
 #
-# GOLDEN=path/to/golden/lgm_step also runs tools/golden_check.py on the GPU first.
+# GOLDEN=path/to/golden/lgm_step also runs tools/golden_check.py on the GPU first. The golden
+# arrays live outside the checkout (../shared/golden, 36 MB); to take them to a device machine,
+# copy them into an ignored folder of the checkout (e.g. .golden/) and carry that path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu_bench_out}/gpu_bench"
