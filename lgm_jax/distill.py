@@ -189,6 +189,16 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     )
 
 
+def checkpoint_meta(state: lgm.State, ident: dict, nonfinite_steps: int = 0) -> dict:
+    """What a checkpoint records beside the state: whose run it is and how far it got."""
+    return {
+        "identity": ident,
+        "num_levels": len(state.levels),
+        "step": int(state.step),
+        "nonfinite_steps": nonfinite_steps,
+    }
+
+
 def save_checkpoint(mngr, state, meta) -> None:
     step = int(state.step)
     if step in mngr.all_steps():
@@ -378,13 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
 
     def checkpoint(s):
         guard.check()  # never write a checkpoint past a run of failures
-        meta = {
-            "identity": ident,
-            "num_levels": len(s.levels),
-            "step": int(s.step),
-            "nonfinite_steps": guard.total,
-        }
-        save_checkpoint(mngr, s, meta)
+        save_checkpoint(mngr, s, checkpoint_meta(s, ident, guard.total))
 
     t_last, s_last = time.time(), start
     last = config.steps  # the reference runs steps 0..steps inclusive

@@ -132,8 +132,7 @@ def _save_and_restore(state, cfg, tx, place, ckpt_dir):
     config = config_base.base()
     mngr = distill.checkpoint_manager(ckpt_dir, config)
     ident = {"run": "multiprocess"}
-    meta = {"identity": ident, "num_levels": len(state.levels), "step": int(state.step)}
-    distill.save_checkpoint(mngr, state, meta)
+    distill.save_checkpoint(mngr, state, distill.checkpoint_meta(state, ident))
     template = jax.eval_shape(lambda: lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2]))
     restored, _ = distill.restore_checkpoint(mngr, config, template, tx, ident, place)
     assert int(restored.step) == int(state.step) and len(restored.levels) == len(state.levels)

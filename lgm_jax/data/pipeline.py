@@ -38,21 +38,23 @@ _bad: dict[int, tuple[object, set[int]]] = {}
 def skipped_images() -> int:
     """How many distinct corrupt images the pipelines of this process have skipped."""
     with _bad_lock:
-        return sum(len(indices) for _, indices in _bad.values())
+        return _count_bad()
+
+
+def _count_bad() -> int:  # under _bad_lock
+    return sum(len(indices) for _, indices in _bad.values())
 
 
 def read_or_skip(source, i: int) -> dict | None:
     """source[i], or None (counted, logged once) if the image is corrupt."""
-    entry = _bad.get(id(source))
-    if entry is not None and entry[0] is source and int(i) in entry[1]:
+    if int(i) in _bad.get(id(source), (None, ()))[1]:
         return None
     try:
         return source[int(i)]
     except CorruptImage as e:
         with _bad_lock:
-            held, indices = _bad.setdefault(id(source), (source, set()))
-            indices.add(int(i))
-            n = sum(len(ix) for _, ix in _bad.values())
+            _bad.setdefault(id(source), (source, set()))[1].add(int(i))
+            n = _count_bad()
         log.warning("skipping a corrupt image (%d skipped so far): %s", n, e)
         return None
 
@@ -116,7 +118,8 @@ class TrainBatches:
     def __getstate__(self):  # picklable for grain's worker processes (num_workers > 0)
         state = dict(self.__dict__)
         del state["_lock"], state["_perms"]
-        state.pop("_pool", None), state.pop("_pool_pid", None)
+        state.pop("_pool", None)
+        state.pop("_pool_pid", None)
         return state
 
     def __setstate__(self, state):
