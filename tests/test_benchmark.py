@@ -99,3 +99,52 @@ def test_data_bench_times_every_thread_count(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     timed = [r for r in rows if len(r) == 3 and r[0] in ("1", "2")]
     assert [r[0] for r in timed] == ["1", "2"] and all(float(r[2]) > 0 for r in timed)
+
+
+@pytest.mark.parametrize(
+    "flags, real_sites, syn_sites",
+    [
+        (["--chunk", "2"], 1, 2),  # chunked: features pass + the VJP's own forward
+        ([], 1, 1),  # one chunk: the VJP's forward gives the features
+        (["--real", "features"], 0, 1),  # cached real features: no real forward
+        (["--chunk", "2", "--remat", "--remat-policy", "matmuls"], 1, 3),  # + remat's re-run
+    ],
+)
+def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_sites):
+    # No GPU here: the step is traced and lowered for CUDA only. Every attention of the depth-2
+    # tiny backbone is cuDNN's fused kernel, one forward site per pass of the program (which is
+    # how the FLOP count's passes show in it), one backward per layer (the backward to the
+    # synthetic images), no host round trip, and the state's buffers are donated.
+    argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
+    argv += ["--image-res", "28", "--dtype", "bfloat16", "--attention", "cudnn"]
+    r = benchmark.lower(benchmark.parse(argv + flags + ["--lower", "cuda"]))
+    depth = 2
+    assert r["custom_calls"] == {
+        "__cudnn$fmhaSoftmax": depth * (real_sites + syn_sites),
+        "__cudnn$fmhaSoftmaxBackward": depth,
+    }
+    assert r["host_calls"] == []
+    levels = 6  # 1, 2, 4, 8, 16, 32 px: each level and its two Adam moments
+    assert r["donated_outputs"] >= 3 * levels
+    # The patched cuDNN check is put back: without a GPU the fused kernel is refused again.
+    import jax
+    import jax.numpy as jnp
+
+    from lgm_jax.models.vit import ViT
+
+    if jax.default_backend() != "gpu":
+        vit = benchmark.vit_config("tiny", 28, "bfloat16", False, attention="cudnn")
+        with pytest.raises(RuntimeError, match="cuDNN"):
+            jax.eval_shape(ViT(vit).init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+
+
+def test_xla_step_lowers_for_tpu_without_custom_calls():
+    argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
+    argv += ["--image-res", "28", "--chunk", "2", "--lower", "tpu", "--json"]
+    r = benchmark.main(argv + [os.devnull])
+    assert r["lowered_for"] == "tpu" and r["custom_calls"] == {} and r["host_calls"] == []
+    from lgm_jax import lgm
+
+    vit = benchmark.vit_config("tiny", 28, "bfloat16", False)
+    step = lgm.StepConfig(num_classes=4, aug_rounds=2, chunk_size=2)
+    assert r["flops_per_step"] == benchmark.step_flops(vit, step)

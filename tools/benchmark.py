@@ -3,7 +3,7 @@
     python tools/benchmark.py --backbone dinov2_vitb --classes 100 --aug-rounds 10 \
         --real images --chunk 100 --dtype bfloat16 --remat --steps 20 --warmup 3 --json out.json
 
-Three modes:
+Four modes:
   default            build the real step, compile it (timed), run `--warmup` untimed and `--steps`
                      timed steps (block_until_ready on every step's outputs) and report the step
                      time (median, p10, p90), images per second, achieved TFLOP/s, the fraction of
@@ -11,7 +11,14 @@ Three modes:
   --memory-scaling   compile (not run) the step at `--classes` and at `--scale`x that many
                      classes with the same chunk and print both memory figures and their ratio;
   --sweep            one subprocess per (classes, chunk) pair (so that each gets a fresh
-                     allocator and its own peak) and a table of step time and memory.
+                     allocator and its own peak) and a table of step time and memory;
+  --lower PLATFORM   trace and lower the step for "cuda", "rocm" or "tpu" on any machine (shapes
+                     only: the full ViT-B/14 step lowers in seconds on a laptop) and list what it
+                     will run: custom calls (cuDNN's fused attention forward and backward with
+                     --attention cudnn), host callbacks (there should be none), and how many
+                     outputs reuse donated input buffers. A check of a GPU/TPU setting before
+                     device time is spent on it; it does not compile, so it says nothing of
+                     memory or of XLA's own limits.
 
 FLOP convention (analytic, `vit_flops`): one multiply-add = 2 FLOPs; backbone matmuls only
 (patch embedding, per block q/k/v, attention scores, attention x V, output projection, MLP), no
@@ -34,6 +41,7 @@ temp bytes (mem_source "memory_analysis"). The compiled figures are always in th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -209,8 +217,9 @@ def config_defaults(path: str) -> dict:
     return out
 
 
-def build(args):
-    """(compiled step, its arguments, vit config, step config) for one setting."""
+def setup(args, abstract: bool = False):
+    """(step, its arguments, vit config, step config) for one setting; with `abstract` the
+    arguments are shapes only (nothing allocated: enough to lower the step)."""
     import jax
     import jax.numpy as jnp
 
@@ -231,30 +240,115 @@ def build(args):
     )
     model = ViT(vcfg)
     features = lambda p, x: model.apply({"params": p}, x)
-    params = jax.jit(model.init)(
-        jax.random.key(0), jnp.zeros((1, args.image_res, args.image_res, 3))
-    )["params"]
     tx = lgm.optimizer()
     mesh = lgm.data_mesh() if args.mesh else None
     step = lgm.make_step(features, vcfg.feature_dim, tx, cfg, mesh=mesh)
+    make = (lambda f, *a: jax.eval_shape(f, *a)) if abstract else (lambda f, *a: jax.jit(f)(*a))
+    params = make(model.init, jax.random.key(0), jnp.zeros((1, args.image_res, args.image_res, 3)))
     # The full pyramid (1 .. syn_res): the steady state after the last level is added.
-    state = lgm.init_state(
-        jax.random.key(1), cfg, tx, start_res=pyramid.resolutions(1, args.syn_res)
-    )
-    rng = np.random.default_rng(0)
+    levels = pyramid.resolutions(1, args.syn_res)
+    state = make(lambda k: lgm.init_state(k, cfg, tx, start_res=levels), jax.random.key(1))
     if args.real == "features":
-        real = jnp.asarray(rng.standard_normal((cfg.num_real, vcfg.feature_dim)), jnp.float32)
+        real = jax.ShapeDtypeStruct((cfg.num_real, vcfg.feature_dim), jnp.float32)
     else:
         real_res = args.real_res or args.syn_res
-        real = jnp.asarray(rng.integers(0, 256, (cfg.num_real, real_res, real_res, 3)), jnp.uint8)
-    labels = jnp.asarray(rng.integers(0, cfg.num_classes, cfg.num_real), jnp.int32)
-    if mesh is not None:
-        shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        real, labels = jax.device_put(real, shard), jax.device_put(labels, shard)
+        real = jax.ShapeDtypeStruct((cfg.num_real, real_res, real_res, 3), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((cfg.num_real,), jnp.int32)
+    if not abstract:
+        rng = np.random.default_rng(0)
+        if args.real == "features":
+            real = jnp.asarray(rng.standard_normal(real.shape), real.dtype)
+        else:
+            real = jnp.asarray(rng.integers(0, 256, real.shape), real.dtype)
+        labels = jnp.asarray(rng.integers(0, cfg.num_classes, cfg.num_real), jnp.int32)
+        if mesh is not None:
+            shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            real, labels = jax.device_put(real, shard), jax.device_put(labels, shard)
+    return step, (state, params["params"], real, labels), vcfg, cfg
+
+
+def build(args):
+    """(compiled step, its arguments, compile seconds, vit config, step config)."""
+    step, step_args, vcfg, cfg = setup(args)
     t0 = time.perf_counter()
-    compiled = step.lower(state, params, real, labels).compile()
+    compiled = step.lower(*step_args).compile()
     compile_s = time.perf_counter() - t0
-    return compiled, (state, params, real, labels), compile_s, vcfg, cfg
+    return compiled, step_args, compile_s, vcfg, cfg
+
+
+@contextlib.contextmanager
+def _assume_cudnn(platform: str):
+    """Lowering for CUDA on a machine without a GPU: JAX refuses cuDNN's fused attention before
+    lowering when it finds no cuDNN library, so its version check is told cuDNN 9.10 and an
+    sm_90 GPU (H100/H200) for the duration. Private JAX functions: where they are gone, nothing
+    is patched (and lowering the cudnn path then fails with JAX's own message)."""
+    import jax
+
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:
+        fa = None
+    names = ("check_cudnn_version", "check_compute_capability")
+    if platform != "cuda" or jax.default_backend() == "gpu" or fa is None:
+        yield
+        return
+    saved = {n: getattr(fa, n) for n in names if hasattr(fa, n)}
+    fakes = {"check_cudnn_version": lambda *a: 91000, "check_compute_capability": lambda *a: True}
+    try:
+        for n in saved:
+            setattr(fa, n, fakes[n])
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(fa, n, f)
+
+
+HOST_CALL_MARKERS = ("callback", "infeed", "outfeed", "send", "recv")
+
+
+def lower(args) -> dict:
+    """Trace and lower the step for `args.lower` ("cuda", "rocm" or "tpu") without compiling
+    it or allocating it: a check, on any machine, that the configured GPU/TPU step builds, and
+    a census of what it will run (custom calls such as cuDNN's fused attention, host round
+    trips, donated inputs)."""
+    import re
+
+    import jax
+
+    with _assume_cudnn(args.lower):  # the parameters' init traces attention too
+        step, step_args, vcfg, cfg = setup(args, abstract=True)
+        t0 = time.perf_counter()
+        lowered = step.trace(*step_args).lower(lowering_platforms=(args.lower,))
+        lower_s = time.perf_counter() - t0
+    text = lowered.as_text()
+    calls: dict[str, int] = {}
+    for name in re.findall(r"custom_call @([\w$.]+)", text):
+        calls[name] = calls.get(name, 0) + 1
+    main_sig = next((line for line in text.splitlines() if "func.func public @main" in line), "")
+    return {
+        "lowered_for": args.lower,
+        "jax_version": jax.__version__,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": run_config(args, cfg),
+        "lower_s": lower_s,
+        "stablehlo_chars": len(text),
+        "custom_calls": calls,
+        "host_calls": sorted(c for c in calls if any(m in c.lower() for m in HOST_CALL_MARKERS)),
+        "donated_outputs": main_sig.count("tf.aliasing_output"),
+        "flops_per_step": step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1),
+    }
+
+
+def run_config(args, cfg) -> dict:
+    keys = ("backbone", "classes", "ipc", "aug_rounds", "real", "chunk", "dtype", "remat",
+            "remat_policy", "attention", "syn_res", "image_res", "real_res", "steps", "warmup",
+            "mesh")  # fmt: skip
+    return {k: getattr(args, k) for k in keys} | {
+        "num_syn": cfg.num_syn,
+        "num_real": cfg.num_real,
+        "syn_rows": cfg.num_real,
+    }
 
 
 def compiled_memory(compiled) -> dict:
@@ -307,28 +401,7 @@ def run(args) -> dict:
         "jax_version": jax.__version__,
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {
-            k: getattr(args, k)
-            for k in (
-                "backbone",
-                "classes",
-                "ipc",
-                "aug_rounds",
-                "real",
-                "chunk",
-                "dtype",
-                "remat",
-                "remat_policy",
-                "attention",
-                "syn_res",
-                "image_res",
-                "real_res",
-                "steps",
-                "warmup",
-                "mesh",
-            )
-        }
-        | {"num_syn": cfg.num_syn, "num_real": cfg.num_real, "syn_rows": cfg.num_real},
+        "config": run_config(args, cfg),
         "compile_s": compile_s,
         "step_s_median": median,
         "step_s_p10": float(np.percentile(times, 10)),
@@ -336,7 +409,8 @@ def run(args) -> dict:
         "syn_images_per_s": cfg.aug_rounds * cfg.num_syn / median,
         "real_images_per_s": cfg.num_real / median,
         "flops_per_step": flops,
-        "flops_convention": "vit matmul FLOPs; 1 fwd/real image (0 if cached), 3 fwd/syn row",
+        "flops_convention": "vit matmul FLOPs; 1 fwd/real image (0 if cached), "
+        f"{syn_passes(cfg, jax.device_count() if args.mesh else 1)} fwd/syn row",
         "tflops": tflops,
         "peak_fraction": None if peak is None else tflops / peak,
         "peak_mem_bytes": mem if mem is not None else cmem.get("total"),
@@ -377,6 +451,19 @@ def print_result(r: dict) -> None:
     ]
     for name, val in rows:
         print(f"  {name:<28} {val}")
+
+
+def print_lowered(r: dict) -> None:
+    c = r["config"]
+    print(
+        f"lowered for {r['lowered_for']} in {r['lower_s']:.1f} s | jax {r['jax_version']} | "
+        f"{r['git_commit']} | {c['backbone']} {c['dtype']} attention={c['attention']} "
+        f"C={c['classes']} K={c['aug_rounds']} real={c['real']} chunk={c['chunk']}"
+    )
+    calls = ", ".join(f"{k} x{v}" for k, v in sorted(r["custom_calls"].items())) or "none"
+    print(f"  custom calls: {calls}")
+    print(f"  host calls: {', '.join(r['host_calls']) or 'none'}")
+    print(f"  outputs written into donated inputs: {r['donated_outputs']}")
 
 
 def memory_scaling(args) -> dict:
@@ -490,6 +577,12 @@ def parse(argv):
     p.add_argument("--memory-scaling", action="store_true")
     p.add_argument("--scale", type=int, default=10, help="multiplier for --memory-scaling")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument(
+        "--lower",
+        choices=("cuda", "rocm", "tpu"),
+        help="only trace and lower the step for this platform (no device needed) and list its "
+        "custom calls, host calls and donated buffers",
+    )
     p.add_argument("--sweep-classes", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--sweep-chunks", type=int, nargs="+", default=[50, 100, 200])
     args = p.parse_args(argv)
@@ -507,6 +600,9 @@ def main(argv=None):
     git_commit()  # before the (long) run, so later edits to the checkout do not show
     if args.memory_scaling:
         result = memory_scaling(args)
+    elif args.lower:
+        result = lower(args)
+        print_lowered(result)
     elif args.sweep:
         print(f"{'C':>6} {'chunk':>6} {'step s':>10} {'syn/s':>10} {'TFLOP/s':>8} {'memory':>12}")
         result = sweep(args)

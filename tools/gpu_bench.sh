@@ -23,9 +23,12 @@ py="${PYTHON:-python3}"
 common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --image-res 224
   --steps 5 --warmup 1)
 # GPU_BENCH_SMOKE=1: the same script on a CPU with the tiny backbone, 10x fewer classes and XLA
-# attention, to check the script itself before spending device time on it.
+# attention, to check the script itself before spending device time on it; each row is also
+# traced and lowered for CUDA at its full size with its own flags (benchmark.py --lower cuda).
 smoke="${GPU_BENCH_SMOKE:-0}"
+full=("${common[@]}")
 if [ "$smoke" = 1 ]; then
+  mkdir -p "$out/lowered"
   common=(--backbone tiny --dtype float32 --ipc 1 --syn-res 32 --image-res 28 --steps 1 --warmup 1)
 fi
 
@@ -57,6 +60,11 @@ row() {  # name, time limit (s), flags...
   fi
   if [ "$limit" -gt "$left" ]; then limit=$left; fi
   if [ "$smoke" = 1 ]; then  # fewer classes, XLA attention, no chunk or remat-policy change
+    # First the row as the GPU will run it (ViT-B/14, cuDNN attention), lowered for CUDA only.
+    echo "== $name lowered for cuda: $*"
+    "$py" tools/benchmark.py "${full[@]}" "$@" --lower cuda --json "$out/lowered/$name.json" \
+      2>"$out/lowered/$name.err" | sed -n 2,3p \
+      || echo "!! $name does not lower for cuda: $(tail -n 1 "$out/lowered/$name.err")"
     local args=() prev=""
     for a in "$@"; do
       if [ "$prev" = --classes ]; then a=$((a / 10)); fi
