@@ -375,7 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
     real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
 
-    def load(step):  # runs ahead of the step loop in a thread (see _prefetch)
+    def load(step):  # runs ahead of the step loop in a thread
         real, labels = real_at(step)
         real = jax.make_array_from_process_local_data(sharded, np.asarray(real))
         labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels, np.int32))
@@ -392,7 +392,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
 
     t_last, s_last = time.time(), start
     last = config.steps  # the reference runs steps 0..steps inclusive
-    batches = _prefetch(load, range(start, last + 1), config.prefetch)
+    batches = data.prefetch_map(load, range(start, last + 1), config.prefetch)
     try:
         for step, (real, labels) in zip(range(start, last + 1), batches):
             finest = state.levels[-1].shape[1]
@@ -487,28 +487,6 @@ class NonFiniteGuard:
                     f"step {step}); the last good checkpoint in {self.checkpoints} is kept. "
                     "Lower the learning rate or use float32 compute."
                 )
-
-
-def _prefetch(load, steps, depth: int):
-    """load(s) for s in steps, computed up to `depth` steps ahead in a background thread (the
-    host reads, decodes and transfers the next real batches while the device runs this one).
-    Batches are pure functions of the step, so prefetching changes nothing but the timing."""
-    import collections
-    import concurrent.futures
-
-    steps = iter(steps)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-        queue = collections.deque(pool.submit(load, s) for _, s in zip(range(max(depth, 1)), steps))
-        try:
-            while queue:
-                out = queue.popleft().result()
-                nxt = next(steps, None)
-                if nxt is not None:
-                    queue.append(pool.submit(load, nxt))
-                yield out
-        finally:
-            for f in queue:
-                f.cancel()
 
 
 def evaluate_run(config, workdir: str) -> dict:

@@ -174,10 +174,22 @@ def run_protocol(
         seeds=seeds,
         rng=jax.random.key(seed),
     )
-    losses = np.asarray(jax.block_until_ready(losses))
+    jax.block_until_ready(losses)
+    train_s = time.time() - t0
+    return protocol_result(
+        probes, losses, int(images.shape[-4]), train_s, features=features, params=params,
+        cfg=cfg, test_batches=test_batches, seeds=seeds, seed=seed,
+    )  # fmt: skip
+
+
+def protocol_result(
+    probes, losses, n: int, train_s: float, *, features, params, cfg, test_batches, seeds, seed
+) -> dict:
+    """Test trained probes; the eval.json fields: top1/top5 {mean, std, per_seed} in %,
+    settings, timings."""
     t1 = time.time()
     acc = probe.test_probes(features, params, probes, test_batches(), cfg)
-    n = int(images.shape[-4])
+    losses = np.asarray(losses)
     return {
         "top1": probe.summarize(acc["top1"]),
         "top5": probe.summarize(acc["top5"]),
@@ -188,7 +200,7 @@ def run_protocol(
         "num_test": acc["num_test"],
         "final_train_loss": [float(x) for x in losses[:, -1]],
         "settings": cfg.settings(n),
-        "train_seconds": t1 - t0,
+        "train_seconds": train_s,
         "test_seconds": time.time() - t1,
     }
 

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -36,6 +39,9 @@ import numpy as np
 import optax
 
 from lgm_jax import augment, lgm
+from lgm_jax.data.pipeline import prefetch_map
+
+log = logging.getLogger(__name__)
 
 # features(backbone_params, normalised images [B, H, W, 3]) -> [B, F] float32
 FeatureFn = Callable[[object, jax.Array], jax.Array]
@@ -239,6 +245,131 @@ def train_probes(
     fn = train_fast if cfg.views else train_exact
     seed_ids = jnp.arange(seeds, dtype=jnp.uint32)
     return fn(params, images, labels, seed_ids, rng, features=features, feat_dim=feat_dim, cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streamed training (datasets that do not fit in memory)
+
+
+def _stream_step(probe, opt, params, images, labels, mask, key, lr, *, features, cfg):
+    """One step of `fit`'s loop on a batch read from the host."""
+    feats = augmented_features(features, params, images, key, cfg)
+    loss, grads = jax.value_and_grad(masked_ce)(probe, feats, labels, mask)
+    updates, opt = adam().update(grads, opt)
+    probe = jax.tree_util.tree_map(lambda p, u: p - lr * u, probe, updates)
+    return probe, opt, loss * jnp.sum(mask)
+
+
+stream_step = jax.jit(
+    _stream_step, static_argnames=("features", "cfg"), donate_argnames=("probe", "opt")
+)
+
+
+def _save_progress(path: str, probe, opt, epoch: int, losses, fingerprint: str) -> None:
+    leaves = jax.tree_util.tree_leaves((probe, opt))
+    arrays = {f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, epoch=epoch, losses=np.asarray(losses), fingerprint=fingerprint, **arrays)
+    os.replace(tmp, path)  # a kill during the write leaves the previous file whole
+
+
+def _load_progress(path: str, probe, opt, fingerprint: str):
+    """(probe, opt, next epoch, losses) from `path`, or None when there is nothing to resume."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        if str(f["fingerprint"]) != fingerprint:
+            raise ValueError(
+                f"{path} holds the progress of a different probe run (other data, backbone or "
+                "settings); delete it or write to another --out"
+            )
+        treedef = jax.tree_util.tree_structure((probe, opt))
+        leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+        probe, opt = jax.tree_util.tree_unflatten(treedef, leaves)
+        return probe, opt, int(f["epoch"]) + 1, [float(x) for x in f["losses"]]
+
+
+def train_streamed(
+    features: FeatureFn,
+    params,
+    load: Callable[[np.ndarray, np.ndarray], dict],
+    n: int,
+    *,
+    feat_dim: int,
+    cfg: ProbeConfig,
+    seeds: int = 1,
+    rng: jax.Array | None = None,
+    workers: int = 4,
+    prefetch: int = 8,
+    progress: str | None = None,
+    fingerprint: str = "",
+):
+    """`train_probes` in exact mode on N images that are read a batch at a time.
+
+    load(indices [B], mask [B]) -> {"image": uint8 [B, H, H, 3], "label" [B], "mask" [B]} reads
+    the images of one batch (rows with mask False need not be read; rows it cannot read come back
+    with mask False and count for nothing). Seed s draws exactly what `train_probes` draws (its
+    init, shuffles and augmentations), so on the same images both give the same probes; the
+    difference is that only `prefetch` batches are in memory at a time, read by `workers`
+    threads while the device runs. The seeds are trained one after the other (each reads the
+    data E times). With `progress` (a file prefix), each seed's probe and Adam state are saved
+    after every epoch and a later call with the same `fingerprint` continues from there.
+
+    Returns ((W [S, C, F], b [S, C]), mean training loss of every epoch [S, E]).
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    b, spe, lr_of = cfg.batch(n), cfg.steps_per_epoch(n), cfg.schedule(n)
+    tx = adam()
+    probes, all_losses = [], []
+    for s in range(seeds):
+        k_init, k_shuffle, k_draw = seed_keys(rng, jnp.uint32(s))
+        probe = lgm.sample_probe(k_init, cfg.num_classes, feat_dim, cfg.probe_std)
+        opt, first, losses = tx.init(probe), 0, []
+        path = None if progress is None else f"{progress}.seed{s}.npz"
+        if path is not None:
+            resumed = _load_progress(path, probe, opt, fingerprint)
+            if resumed is not None:
+                probe, opt, first, losses = resumed
+                log.info("seed %d: resuming after epoch %d of %d", s, first - 1, cfg.epochs)
+
+        def batches(e, k_shuffle=k_shuffle):
+            idx, mask = jax.device_get(epoch_batches(jax.random.fold_in(k_shuffle, e), n, b))
+            return [(e, j, idx[j], mask[j]) for j in range(spe)]
+
+        def read(item):
+            e, j, idx, mask = item
+            got = load(idx, mask)
+            ok = np.asarray(got["mask"], bool) & mask
+            x = (got["image"], np.asarray(got["label"], np.int32), ok)
+            return e, j, jax.device_put(x)
+
+        items = (item for e in range(first, cfg.epochs) for item in batches(e))
+        total, t0 = jnp.zeros((), jnp.float32), time.time()
+        for e, j, (images, labels, ok) in prefetch_map(read, items, prefetch, workers):
+            key = jax.random.fold_in(k_draw, e * spe + j)
+            lr = jnp.float32(lr_of(e))
+            probe, opt, loss = stream_step(
+                probe, opt, params, images, labels, ok, key, lr, features=features, cfg=cfg
+            )
+            total = total + loss
+            if j == spe - 1:
+                losses.append(float(total) / n)
+                total = jnp.zeros((), jnp.float32)
+                log.info(
+                    "seed %d epoch %d/%d: loss %.4f, %.0f images/s",
+                    s,
+                    e + 1,
+                    cfg.epochs,
+                    losses[-1],
+                    n / max(time.time() - t0, 1e-9),
+                )
+                t0 = time.time()
+                if path is not None:
+                    _save_progress(path, probe, opt, e, losses, fingerprint)
+        probes.append(probe)
+        all_losses.append(losses)
+    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *probes)
+    return stacked, jnp.asarray(all_losses, jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------

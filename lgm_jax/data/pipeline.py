@@ -226,6 +226,24 @@ def train_iterator(
     return iter(ids)
 
 
+def read_batch(source, indices, *, res: int, resize: int, mask=None) -> dict:
+    """{"image": uint8 [B, res, res, 3], "label": int32 [B], "mask": bool [B]} of source[i] for
+    the B given indices: shorter side resized to `resize`, centre crop `res`. Rows whose `mask`
+    is False are not read; they and corrupt images are zero with mask False."""
+    b = len(indices)
+    images = np.zeros((b, res, res, 3), np.uint8)
+    labels = np.zeros((b,), np.int32)
+    ok = np.zeros((b,), bool)
+    for row, i in enumerate(indices):
+        if mask is not None and not mask[row]:
+            continue
+        ex = read_or_skip(source, i)
+        if ex is not None:
+            images[row] = center_crop(resize_shorter(ex["image"], resize), res)
+            labels[row], ok[row] = ex["label"], True
+    return {"image": images, "label": labels, "mask": ok}
+
+
 class EvalBatches:
     """Batch number k -> {"image": uint8 [B, res, res, 3], "label": int32 [B], "mask": bool [B]}."""
 
@@ -234,16 +252,33 @@ class EvalBatches:
         self.batch_size, self.res, self.resize = batch_size, res, resize
 
     def __call__(self, k: int) -> dict:
-        b, res = self.batch_size, self.res
-        images = np.zeros((b, res, res, 3), np.uint8)
-        labels = np.zeros((b,), np.int32)
-        mask = np.zeros((b,), bool)
-        for row, i in enumerate(self.indices[k * b : (k + 1) * b]):
-            ex = read_or_skip(self.source, i)
-            if ex is not None:
-                images[row] = center_crop(resize_shorter(ex["image"], self.resize), res)
-                labels[row], mask[row] = ex["label"], True
-        return {"image": images, "label": labels, "mask": mask}
+        b = self.batch_size
+        idx = self.indices[k * b : (k + 1) * b]
+        idx = np.concatenate([idx, np.zeros((b - len(idx),), idx.dtype)])
+        mask = np.arange(b) < len(self.indices) - k * b
+        return read_batch(self.source, idx, res=self.res, resize=self.resize, mask=mask)
+
+
+def prefetch_map(fn, items, depth: int, workers: int = 1):
+    """fn(x) for x in items, in order, computed up to `depth` items ahead by `workers` background
+    threads (the host reads, decodes and transfers the next batches while the device runs this
+    one). Stopping the iteration early cancels what has not started."""
+    import collections
+
+    items = iter(items)
+    end = object()
+    with concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="load") as pool:
+        queue = collections.deque(pool.submit(fn, x) for _, x in zip(range(max(depth, 1)), items))
+        try:
+            while queue:
+                out = queue.popleft().result()
+                nxt = next(items, end)
+                if nxt is not end:
+                    queue.append(pool.submit(fn, nxt))
+                yield out
+        finally:
+            for f in queue:
+                f.cancel()
 
 
 def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:
