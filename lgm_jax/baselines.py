@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -336,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=int, default=8, help="threads reading and decoding train batches"
     )
     a = p.parse_args(argv)
+    # Progress (the full probe's epochs, skipped images) to stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         if a.cmd == "random":
             res_out = a.image_res or ev.SYN_RES
