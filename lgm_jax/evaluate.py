@@ -158,6 +158,7 @@ def run_protocol(
     test_batches: Callable[[], Iterable[dict]],
     seeds: int = 5,
     seed: int = 0,
+    devices: int | None = None,
 ) -> dict:
     """Train `seeds` probes on images (uint8 [N, H, H, 3] or [S, N, H, H, 3]) and test them.
 
@@ -173,6 +174,7 @@ def run_protocol(
         cfg=cfg,
         seeds=seeds,
         rng=jax.random.key(seed),
+        devices=devices,
     )
     jax.block_until_ready(losses)
     train_s = time.time() - t0
@@ -293,10 +295,12 @@ def evaluate(
     method: str | None = None,
     image_res: int = SYN_RES,
     data_dir: str | None = None,
+    devices: int | None = None,
 ) -> dict:
     """Load, check, train, test and write eval.json; returns the result.
 
     data_dir: where the dataset lives (tfds data_dir or image-folder root), if not the default.
+    devices: how many of this process's devices share the seeds (None: all).
     """
     from lgm_jax import data
 
@@ -323,6 +327,7 @@ def evaluate(
         test_batches=test_stream(ds, res, test_batch),
         seeds=seeds,
         seed=seed,
+        devices=devices,
     )
     result = {
         "method": method or meta.get("method", "distilled"),
@@ -433,6 +438,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=100, help="augmented views per image (fast mode)")
     p.add_argument("--test-batch", type=int, default=256)
     p.add_argument("--image-res", type=int, default=SYN_RES, help="side of the distilled images")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="local devices that share the seeds' probes (default: all, at most one per seed)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 test_batch=a.test_batch,
                 image_res=a.image_res,
                 data_dir=a.data_dir,
+                devices=a.devices,
             )
             return 0
         p = argparse.ArgumentParser(
@@ -494,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_res=a.image_res,
             method=a.method,
             data_dir=a.data_dir,
+            devices=a.devices,
         )
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -222,6 +222,40 @@ train_fast = jax.jit(_train_fast, static_argnames=("features", "feat_dim", "cfg"
 fit_views = jax.jit(_fit_views, static_argnames=("feat_dim", "cfg"))
 
 
+def seed_mesh(seeds: int, devices: int | None = None):
+    """A ("seeds",) mesh over min(seeds, `devices`) of this process's devices (all of them when
+    `devices` is None), or None when that is one device."""
+    local = jax.local_devices()
+    d = min(seeds, len(local) if devices is None else max(1, min(devices, len(local))))
+    if d <= 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(local[:d]), ("seeds",))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("train", "mesh", "per_seed", "features", "feat_dim", "cfg")
+)
+def _train_sharded(
+    params, images, labels, seeds, rng, *, train, mesh, per_seed, features, feat_dim, cfg
+):
+    """`train` (_train_exact or _train_fast) with the seeds split over the mesh: each device
+    trains its own seeds' probes; the backbone and shared images are replicated."""
+    P = jax.sharding.PartitionSpec
+    by_seed, rep = P("seeds"), P()
+    data = by_seed if per_seed else rep
+    body = functools.partial(train, features=features, feat_dim=feat_dim, cfg=cfg)
+    # No collectives: every value is one device's own. Without check_vma a value made inside
+    # the body that does not depend on the seed (the probe's zero bias) is not typed as
+    # replicated, whose gradient shard_map would sum over the devices, i.e. over other seeds.
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(rep, data, data, by_seed, rep),
+        out_specs=by_seed,
+        check_vma=False,
+    )(params, images, labels, seeds, rng)
+
+
 def train_probes(
     features: FeatureFn,
     params,
@@ -232,19 +266,49 @@ def train_probes(
     cfg: ProbeConfig,
     seeds: int = 5,
     rng: jax.Array | None = None,
+    devices: int | None = None,
 ):
     """Train `seeds` probes in one compiled program.
 
     images: uint8 [N, H, H, 3] (or float in [0, 1]), shared by the seeds, or [S, N, H, H, 3]
     with one set per seed; labels [N] or [S, N]. Returns ((W [S, C, F], b [S, C]), loss [S, E]).
+    With several local devices the seeds are split over up to `devices` of them (None: all);
+    a seed's probe does not depend on where it is trained.
     """
     rng = jax.random.key(0) if rng is None else rng
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
-    if images.ndim == 5 and images.shape[0] != seeds:
+    per_seed = images.ndim == 5
+    if per_seed and images.shape[0] != seeds:
         raise ValueError(f"{images.shape[0]} per-seed image sets for {seeds} seeds")
-    fn = train_fast if cfg.views else train_exact
-    seed_ids = jnp.arange(seeds, dtype=jnp.uint32)
-    return fn(params, images, labels, seed_ids, rng, features=features, feat_dim=feat_dim, cfg=cfg)
+    mesh = seed_mesh(seeds, devices)
+    if mesh is None:
+        fn = train_fast if cfg.views else train_exact
+        seed_ids = jnp.arange(seeds, dtype=jnp.uint32)
+        return fn(
+            params, images, labels, seed_ids, rng, features=features, feat_dim=feat_dim, cfg=cfg
+        )
+    # Pad the seeds to a multiple of the devices (the extra probes are trained and dropped: the
+    # time is that of ceil(S / D) seeds either way).
+    padded = -(-seeds // mesh.size) * mesh.size
+    seed_ids = jnp.arange(padded, dtype=jnp.uint32)
+    if per_seed and padded > seeds:
+        extra = np.arange(padded - seeds) % seeds
+        images = jnp.concatenate([images, images[extra]])
+        labels = jnp.concatenate([labels, labels[extra]])
+    out = _train_sharded(
+        params,
+        images,
+        labels,
+        seed_ids,
+        rng,
+        train=_train_fast if cfg.views else _train_exact,
+        mesh=mesh,
+        per_seed=per_seed,
+        features=features,
+        feat_dim=feat_dim,
+        cfg=cfg,
+    )
+    return jax.tree_util.tree_map(lambda x: x[:seeds], out)
 
 
 # ----------------------------------------------------------------------------------------------

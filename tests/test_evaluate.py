@@ -301,3 +301,39 @@ def test_cli_end_to_end(tmp_path, fake_registries, capsys):
         json.loads((tmp_path / "grid" / "grid.json").read_text())["cells"][0]["evaluated_on"]
         == "tiny"
     )
+
+
+@pytest.mark.parametrize("views", [0, 3])
+def test_seeds_split_over_devices_train_the_same_probes(views):
+    # 8 fake devices: 5 seeds over 5 devices, and over 2 (padded to 6 seeds, one dropped).
+    assert len(jax.local_devices()) >= 5
+    images, labels = colour_images(10, 3, np.random.default_rng(0))
+    cfg = tiny_cfg(3, epochs=3, batch_size=4, lr=0.01, views=views)
+    kw = dict(feat_dim=32, cfg=cfg, seeds=5, rng=jax.random.key(2))
+    (w1, b1), l1 = probe.train_probes(features, PARAMS, images, labels, devices=1, **kw)
+    assert probe.seed_mesh(5, devices=1) is None
+    for devices in (None, 2):
+        (w, b), losses = probe.train_probes(features, PARAMS, images, labels, devices=devices, **kw)
+        assert w.shape == w1.shape and losses.shape == l1.shape == (5, 3)
+        assert len(w.sharding.device_set) == (5 if devices is None else 2)
+        # Tight: a gradient summed over the devices (the bias, made inside shard_map) would be
+        # off by ~1e-3 here.
+        np.testing.assert_allclose(w, w1, atol=1e-6)
+        np.testing.assert_allclose(b, b1, atol=1e-6)
+        np.testing.assert_allclose(losses, l1, rtol=1e-5)
+
+
+def test_per_seed_sets_split_over_devices():
+    # One image set per seed (the random-real baseline), 5 seeds over 3 devices.
+    rng = np.random.default_rng(1)
+    sets = [colour_images(8, 4, rng) for _ in range(5)]
+    images, labels = np.stack([s[0] for s in sets]), np.stack([s[1] for s in sets])
+    cfg = tiny_cfg(4, epochs=2, batch_size=4, lr=0.01)
+    kw = dict(feat_dim=32, cfg=cfg, seeds=5)
+    (w1, _), _ = probe.train_probes(features, PARAMS, images, labels, devices=1, **kw)
+    (w3, _), _ = probe.train_probes(features, PARAMS, images, labels, devices=3, **kw)
+    np.testing.assert_allclose(w3, w1, atol=1e-6)
+    # Each seed trains on its own set: the same set for every seed gives other probes.
+    same = np.broadcast_to(images[:1], images.shape)
+    (w_same, _), _ = probe.train_probes(features, PARAMS, same, labels, devices=3, **kw)
+    assert np.abs(np.asarray(w_same[1:] - w1[1:])).max() > 1e-3
