@@ -244,7 +244,8 @@ def run_full(
     data_dir=None,
 ) -> dict:
     """The full-dataset probe, the train split streamed from its source a batch at a time
-    (resize 256, centre crop 256, then the protocol's flip + random resized crop); progress is
+    (shorter side 256, a random 256 crop drawn per epoch and image, then the protocol's flip +
+    random resized crop); progress is
     saved after every epoch in DIR/progress.seed<k>.npz and an interrupted run given the same
     command continues from its last finished epoch."""
     from lgm_jax import data
@@ -259,8 +260,10 @@ def run_full(
         ds.num_classes, res, mean, std, epochs=epochs, batch_size=batch_size, lr=lr
     )
 
-    def load(indices, mask):
-        return data.read_batch(source, indices, res=ev.SYN_RES, resize=ev.SYN_RES, mask=mask)
+    def load(indices, mask, epoch):  # SPEC's real images: shorter side 256, random 256 crop
+        crop = (seed, epoch)  # a fresh crop of each image every epoch, the same on a rerun
+        res = ev.SYN_RES
+        return data.read_batch(source, indices, res=res, resize=res, mask=mask, crop_seed=crop)
 
     os.makedirs(out, exist_ok=True)
     # What the saved progress must agree with to be continued (the probe's settings included).

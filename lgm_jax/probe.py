@@ -356,7 +356,7 @@ def _load_progress(path: str, probe, opt, fingerprint: str):
 def train_streamed(
     features: FeatureFn,
     params,
-    load: Callable[[np.ndarray, np.ndarray], dict],
+    load: Callable[[np.ndarray, np.ndarray, int], dict],
     n: int,
     *,
     feat_dim: int,
@@ -370,14 +370,15 @@ def train_streamed(
 ):
     """`train_probes` in exact mode on N images that are read a batch at a time.
 
-    load(indices [B], mask [B]) -> {"image": uint8 [B, H, H, 3], "label" [B], "mask" [B]} reads
-    the images of one batch (rows with mask False need not be read; rows it cannot read come back
-    with mask False and count for nothing). Seed s draws exactly what `train_probes` draws (its
-    init, shuffles and augmentations), so on the same images both give the same probes; the
-    difference is that only `prefetch` batches are in memory at a time, read by `workers`
-    threads while the device runs. The seeds are trained one after the other (each reads the
-    data E times). With `progress` (a file prefix), each seed's probe and Adam state are saved
-    after every epoch and a later call with the same `fingerprint` continues from there.
+    load(indices [B], mask [B], epoch) -> {"image": uint8 [B, H, H, 3], "label" [B], "mask" [B]}
+    reads the images of one batch of an epoch (rows with mask False need not be read; rows it
+    cannot read come back with mask False and count for nothing). Seed s draws exactly what
+    `train_probes` draws (its init, shuffles and augmentations), so on the same images both give
+    the same probes; the difference is that only `prefetch` batches are in memory at a time,
+    read by `workers` threads while the device runs. The seeds are trained one after the other
+    (each reads the data E times). With `progress` (a file prefix), each seed's probe and Adam
+    state are saved after every epoch and a later call with the same `fingerprint` continues
+    from there.
 
     Returns ((W [S, C, F], b [S, C]), mean training loss of every epoch [S, E]).
     """
@@ -402,7 +403,7 @@ def train_streamed(
 
         def read(item):
             e, j, idx, mask = item
-            got = load(idx, mask)
+            got = load(idx, mask, e)
             ok = np.asarray(got["mask"], bool) & mask
             x = (got["image"], np.asarray(got["label"], np.int32), ok)
             return e, j, jax.device_put(x)

@@ -15,7 +15,7 @@ from lgm_jax.data import sources
 
 
 def loader(source, res=SRC):
-    return lambda idx, mask: data.read_batch(source, idx, res=res, resize=res, mask=mask)
+    return lambda idx, mask, epoch: data.read_batch(source, idx, res=res, resize=res, mask=mask)
 
 
 def test_streamed_probe_equals_the_in_memory_probe():
@@ -46,11 +46,11 @@ def test_streamed_probe_continues_from_its_saved_progress(tmp_path):
 
     calls = []
 
-    def dies_in_epoch_2(idx, mask):  # 3 batches an epoch: the 8th read is epoch 2's second
+    def dies_in_epoch_2(idx, mask, epoch):  # 3 batches an epoch: the 8th read is epoch 2's second
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return loader(src)(idx, mask)
+        return loader(src)(idx, mask, epoch)
 
     prefix = str(tmp_path / "progress")
     with pytest.raises(KeyboardInterrupt):
@@ -60,11 +60,11 @@ def test_streamed_probe_continues_from_its_saved_progress(tmp_path):
     with np.load(prefix + ".seed0.npz") as f:
         assert int(f["epoch"]) == 1  # epochs 0 and 1 were finished and saved
     reads = []
-    counting = lambda idx, mask: reads.append(1) or loader(src)(idx, mask)
+    counting = lambda idx, mask, e: reads.append(e) or loader(src)(idx, mask, e)
     (w, _), losses = probe.train_streamed(
         features, PARAMS, counting, 10, progress=prefix, fingerprint="a", **kw
     )
-    assert len(reads) == 2 * 3  # only epochs 2 and 3 were read again
+    assert reads == [2, 2, 2, 3, 3, 3]  # only epochs 2 and 3 were read again
     np.testing.assert_allclose(w, w_ref, atol=1e-6)
     np.testing.assert_allclose(losses, l_ref, rtol=1e-6)
     with pytest.raises(ValueError, match="different probe run"):
@@ -143,3 +143,25 @@ def test_full_baseline_end_to_end(tmp_path, monkeypatch):
     again = json.loads((out / "eval.json").read_text())
     assert again["top1"] == result["top1"]
     assert again["final_train_loss"] == result["final_train_loss"]
+
+
+def test_random_crops_are_drawn_per_epoch_and_image():
+    # 40 x 60 images (crop freedom along the width), resized to 32 on the shorter side.
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
+    src = sources.ArraySource(images, np.arange(3))
+    read = lambda idx, seed: data.read_batch(
+        src, np.asarray(idx), res=32, resize=32, crop_seed=seed
+    )["image"]
+    a, b = read([0, 1, 2], (0, 1)), read([0, 1, 2], (0, 2))
+    np.testing.assert_array_equal(a, read([0, 1, 2], (0, 1)))  # reproducible
+    assert any(not np.array_equal(a[k], b[k]) for k in range(3))  # another epoch, other crops
+    np.testing.assert_array_equal(read([2, 0], (0, 1)), a[[2, 0]])  # per image, not per row
+    centre = data.read_batch(src, np.arange(3), res=32, resize=32)["image"]
+    full = data.resize_shorter(images[0], 32)  # 32 x 48
+    np.testing.assert_array_equal(centre[0], full[:, 8:40])
+    offsets = {
+        next(x for x in range(17) if np.array_equal(read([0], (0, e))[0], full[:, x : x + 32]))
+        for e in range(8)
+    }
+    assert len(offsets) > 1  # the crops move

@@ -226,10 +226,11 @@ def train_iterator(
     return iter(ids)
 
 
-def read_batch(source, indices, *, res: int, resize: int, mask=None) -> dict:
+def read_batch(source, indices, *, res: int, resize: int, mask=None, crop_seed=None) -> dict:
     """{"image": uint8 [B, res, res, 3], "label": int32 [B], "mask": bool [B]} of source[i] for
-    the B given indices: shorter side resized to `resize`, centre crop `res`. Rows whose `mask`
-    is False are not read; they and corrupt images are zero with mask False."""
+    the B given indices: shorter side resized to `resize`, then a centre crop `res`, or with
+    `crop_seed` (a tuple of ints) a random one drawn from (*crop_seed, i). Rows whose `mask` is
+    False are not read; they and corrupt images are zero with mask False."""
     b = len(indices)
     images = np.zeros((b, res, res, 3), np.uint8)
     labels = np.zeros((b,), np.int32)
@@ -239,7 +240,12 @@ def read_batch(source, indices, *, res: int, resize: int, mask=None) -> dict:
             continue
         ex = read_or_skip(source, i)
         if ex is not None:
-            images[row] = center_crop(resize_shorter(ex["image"], resize), res)
+            image = resize_shorter(ex["image"], resize)
+            if crop_seed is None:
+                images[row] = center_crop(image, res)
+            else:
+                rng = np.random.default_rng([*crop_seed, int(i)])
+                images[row] = random_crop(image, res, rng)
             labels[row], ok[row] = ex["label"], True
     return {"image": images, "label": labels, "mask": ok}
 
