@@ -125,7 +125,7 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
     }
     assert r["host_calls"] == []
     levels = 6  # 1, 2, 4, 8, 16, 32 px: each level and its two Adam moments
-    assert r["donated_outputs"] >= 3 * levels
+    assert r["donated_inputs"] == 3 * levels + 3  # the whole state (+ step, count, key)
     # The patched cuDNN check is put back: without a GPU the fused kernel is refused again.
     import jax
     import jax.numpy as jnp
@@ -138,11 +138,16 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
             jax.eval_shape(ViT(vit).init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
 
 
-def test_xla_step_lowers_for_tpu_without_custom_calls():
+@pytest.mark.parametrize("mesh", [False, True])
+def test_xla_step_lowers_for_tpu_without_custom_calls(mesh):
+    # With --mesh, over the 8 test devices: donation is then marked per argument for XLA to pair.
     argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
-    argv += ["--image-res", "28", "--chunk", "2", "--lower", "tpu", "--json"]
-    r = benchmark.main(argv + [os.devnull])
+    argv += ["--image-res", "28", "--chunk", "2", "--lower", "tpu", "--json", os.devnull]
+    r = benchmark.main(argv + ["--mesh"] * mesh)
     assert r["lowered_for"] == "tpu" and r["custom_calls"] == {} and r["host_calls"] == []
+    assert r["donated_inputs"] == 21  # the whole state: 6 levels, 12 moments, 3 scalars/keys
+    if mesh:
+        return
     from lgm_jax import lgm
 
     vit = benchmark.vit_config("tiny", 28, "bfloat16", False)

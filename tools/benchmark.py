@@ -335,7 +335,11 @@ def lower(args) -> dict:
         "stablehlo_chars": len(text),
         "custom_calls": calls,
         "host_calls": sorted(c for c in calls if any(m in c.lower() for m in HOST_CALL_MARKERS)),
-        "donated_outputs": main_sig.count("tf.aliasing_output"),
+        # Donated arguments: paired with an output at lowering (tf.aliasing_output), or left to
+        # XLA to pair (jax.buffer_donor, when the arguments carry shardings).
+        "donated_inputs": sum(
+            main_sig.count(m) for m in ("tf.aliasing_output", "jax.buffer_donor")
+        ),
         "flops_per_step": step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1),
     }
 
@@ -463,7 +467,7 @@ def print_lowered(r: dict) -> None:
     calls = ", ".join(f"{k} x{v}" for k, v in sorted(r["custom_calls"].items())) or "none"
     print(f"  custom calls: {calls}")
     print(f"  host calls: {', '.join(r['host_calls']) or 'none'}")
-    print(f"  outputs written into donated inputs: {r['donated_outputs']}")
+    print(f"  donated inputs (updated in place): {r['donated_inputs']}")
 
 
 def memory_scaling(args) -> dict:
