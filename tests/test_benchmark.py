@@ -153,3 +153,17 @@ def test_xla_step_lowers_for_tpu_without_custom_calls(mesh):
     vit = benchmark.vit_config("tiny", 28, "bfloat16", False)
     step = lgm.StepConfig(num_classes=4, aug_rounds=2, chunk_size=2)
     assert r["flops_per_step"] == benchmark.step_flops(vit, step)
+
+
+def test_residual_count_follows_the_remat_policy():
+    # Tiny backbone, float32, 28 px: T = 5 tokens, D = 64, M = 256, depth 2.
+    t, d, m, depth, f32 = 5, 64, 256, 2, 4
+    none, matmuls, block = (
+        benchmark.residual_bytes_per_row(benchmark.vit_config("tiny", 28, "float32", r, "xla", p))
+        for r, p in ((False, "block"), (True, "matmuls"), (True, "block"))
+    )
+    # "block" keeps at least each block's input; "matmuls" also q, k, v and the MLP hidden layer;
+    # without remat everything the backward needs (attention probabilities included).
+    assert block >= depth * t * d * f32
+    assert matmuls >= block + depth * t * (3 * d + m) * f32
+    assert none > matmuls + depth * 4 * t * t * f32  # 4 heads' [T, T] probabilities per layer

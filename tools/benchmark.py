@@ -306,6 +306,29 @@ def _assume_cudnn(platform: str):
 HOST_CALL_MARKERS = ("callback", "infeed", "outfeed", "send", "recv")
 
 
+def residual_bytes_per_row(vcfg) -> int:
+    """Bytes the backbone's VJP with respect to its input images keeps per image between the
+    forward and the backward pass, as JAX saves them (XLA's fusion can only drop some): what a
+    one-chunk step holds for every synthetic row, and a chunked step for every row of a chunk.
+    The remat policy of `vcfg` applies. Counted on shapes only (the leaves of the VJP function
+    `jax.vjp` returns), as the difference between 3 and 2 images, so the weights cancel."""
+    import jax
+    import jax.numpy as jnp
+
+    from lgm_jax.models.vit import ViT
+
+    model = ViT(vcfg)
+    side = vcfg.image_size
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+
+    def total(n):
+        x = jax.ShapeDtypeStruct((n, side, side, 3), jnp.float32)
+        vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda x: model.apply(p, x), x)[1], params, x)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(vjp_fn))
+
+    return total(3) - total(2)
+
+
 def lower(args) -> dict:
     """Trace and lower the step for `args.lower` ("cuda", "rocm" or "tpu") without compiling
     it or allocating it: a check, on any machine, that the configured GPU/TPU step builds, and
@@ -320,11 +343,15 @@ def lower(args) -> dict:
         t0 = time.perf_counter()
         lowered = step.trace(*step_args).lower(lowering_platforms=(args.lower,))
         lower_s = time.perf_counter() - t0
+        per_row = residual_bytes_per_row(vcfg)
     text = lowered.as_text()
     calls: dict[str, int] = {}
     for name in re.findall(r"custom_call @([\w$.]+)", text):
         calls[name] = calls.get(name, 0) + 1
     main_sig = next((line for line in text.splitlines() if "func.func public @main" in line), "")
+    from lgm_jax import lgm
+
+    rows = cfg.num_real // (jax.device_count() if args.mesh else 1)  # synthetic rows per device
     return {
         "lowered_for": args.lower,
         "jax_version": jax.__version__,
@@ -341,6 +368,9 @@ def lower(args) -> dict:
             main_sig.count(m) for m in ("tf.aliasing_output", "jax.buffer_donor")
         ),
         "flops_per_step": step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1),
+        "residual_bytes_per_row": per_row,
+        "rows_per_chunk": lgm.chunk_size(rows, cfg.chunk_size),
+        "residual_bytes_per_chunk": per_row * lgm.chunk_size(rows, cfg.chunk_size),
     }
 
 
@@ -468,6 +498,11 @@ def print_lowered(r: dict) -> None:
     print(f"  custom calls: {calls}")
     print(f"  host calls: {', '.join(r['host_calls']) or 'none'}")
     print(f"  donated inputs (updated in place): {r['donated_inputs']}")
+    print(
+        f"  backbone activations kept for the backward: "
+        f"{r['residual_bytes_per_row'] / 2**20:.2f} MiB per synthetic row, "
+        f"{gib(r['residual_bytes_per_chunk'])} for a chunk of {r['rows_per_chunk']} rows"
+    )
 
 
 def memory_scaling(args) -> dict:
