@@ -95,14 +95,14 @@ row in100_cached 100 --classes 100 --aug-rounds 10 --real features --chunk 200 -
 row in100_online 110 --classes 100 --aug-rounds 10 --real images --chunk 200 --attention cudnn
 # ImageNet-1k (C = 1000, K = 3: 3000 + 3000).
 row in1k_online 150 --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
-# What the fused kernel buys, and other chunkings of the ImageNet-100 step.
-row in100_online_xla 110 --classes 100 --aug-rounds 10 --real images --chunk 200
 # One chunk: the forward pass is kept for the backward one (2 forwards per synthetic row instead
-# of 3), if the activations of all 1000 rows fit. Remat "matmuls" keeps the q/k/v and MLP-hidden
-# projections and recomputes only norms, attention and activations (~2.1 forwards); "block"
-# keeps block inputs only (3 forwards, the least memory).
+# of 3). Kept per row (benchmark.py --lower): 133 MiB without remat (all 1000 rows: 130 GiB, not
+# run), 38.4 MiB with remat "matmuls" (q/k/v and MLP-hidden projections kept; norms, attention
+# and activations recomputed, ~2.1 forwards; 37.5 GiB), 6.8 MiB with "block" (3 forwards).
 row in100_cached_whole_matmuls 100 --classes 100 --aug-rounds 10 --real features --remat --remat-policy matmuls --attention cudnn
-row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --attention cudnn
+row in100_online_whole_matmuls 110 --classes 100 --aug-rounds 10 --real images --remat --remat-policy matmuls --attention cudnn
+# What the fused kernel buys.
+row in100_online_xla 110 --classes 100 --aug-rounds 10 --real images --chunk 200
 # The reference's smallest setting (10 classes, K = 10), one chunk: 2 forwards per synthetic row.
 row c10_online 60 --classes 10 --aug-rounds 10 --real images --attention cudnn
 row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features --remat --attention cudnn
