@@ -225,3 +225,43 @@ def test_lgm_step_runs_with_a_tiny_backbone():
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
     assert float(metrics["grad_norm"]) > 0
     assert any(not np.array_equal(a, b) for a, b in zip(before, state.levels, strict=True))
+
+
+@pytest.mark.parametrize("name", ["dinov2_tiny", "clip_tiny", "eva02_tiny"])
+def test_recomputed_norms_and_activations_keep_values_and_save_memory(name, monkeypatch):
+    """LayerNorms and MLP activations recompute their insides in the backward pass (vit.py):
+    the same parameters, features and input gradients as without, and less kept per image."""
+    import pathlib
+    import sys
+
+    from flax import linen as nn
+
+    from lgm_jax.models import vit
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    import benchmark
+
+    backbone, params = registry.build(name, depth=2)
+    s = backbone.image_size
+    x = jax.random.normal(jax.random.key(3), (2, s, s, 3))
+
+    def run():
+        model = vit.ViT(backbone.config)
+        fresh = model.init(jax.random.key(0), x[:1])["params"]
+        f = lambda x: model.apply({"params": params}, x)
+        feats, vjp = jax.vjp(f, x)
+        (grad,) = vjp(jnp.cos(feats))
+        kept = benchmark.residual_bytes_per_row(backbone.config)
+        return jax.tree_util.tree_structure(fresh), feats, grad, kept
+
+    tree, feats, grad, kept = run()
+    monkeypatch.setattr(vit, "LayerNorm", nn.LayerNorm)
+    monkeypatch.setattr(vit, "_recomputed", lambda fn: fn)
+    tree0, feats0, grad0, kept0 = run()
+    assert tree == tree0  # checkpoints load as before
+    np.testing.assert_allclose(feats, feats0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, grad0, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(grad0).max()) > 0
+    # Each norm would keep 3 float32 [T, D] tensors more per image (2 norms a block at least).
+    t, d = 1 + (s // backbone.config.patch_size) ** 2, backbone.config.width  # tokens >= this
+    assert kept0 - kept >= 2 * 2 * 3 * t * d * 4

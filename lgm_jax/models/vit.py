@@ -37,6 +37,18 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lgm_jax import resample
 
+# LayerNorm whose backward recomputes its float32 statistics and normalised values from its
+# input instead of keeping them (3 float32 [T, D] tensors a norm: 56 MiB per ViT-B/14 image);
+# same parameters, same values.
+LayerNorm = nn.remat(nn.LayerNorm)
+
+
+def _recomputed(fn):
+    """An elementwise activation whose backward keeps only its input (the exact GELU would keep
+    three more [T, M] tensors)."""
+    return jax.checkpoint(fn)
+
+
 # Residual names tagged in the blocks (see ViTConfig.remat_policy).
 REMAT_POLICIES = {
     "block": None,
@@ -190,19 +202,19 @@ class Mlp(nn.Module):
         dense = lambda features, name: nn.Dense(features, dtype=dt, name=name)
         hidden = lambda features, name: checkpoint_name(dense(features, name)(x), "mlp_hidden")
         if cfg.mlp == "gelu":
-            h = jax.nn.gelu(hidden(cfg.mlp_dim, "fc1"), approximate=False)
+            h = _recomputed(lambda h: jax.nn.gelu(h, approximate=False))(hidden(cfg.mlp_dim, "fc1"))
         elif cfg.mlp == "quick_gelu":
-            h = hidden(cfg.mlp_dim, "fc1")
-            h = h * jax.nn.sigmoid(1.702 * h)
+            h = _recomputed(lambda h: h * jax.nn.sigmoid(1.702 * h))(hidden(cfg.mlp_dim, "fc1"))
         elif cfg.mlp == "swiglu":
-            h = jax.nn.silu(hidden(cfg.mlp_dim, "fc1_g")) * hidden(cfg.mlp_dim, "fc1_x")
+            swiglu = _recomputed(lambda g, h: jax.nn.silu(g) * h)
+            h = swiglu(hidden(cfg.mlp_dim, "fc1_g"), hidden(cfg.mlp_dim, "fc1_x"))
         elif cfg.mlp == "swiglu_packed":
             gate, h = jnp.split(hidden(2 * cfg.mlp_dim, "fc1"), 2, axis=-1)
-            h = jax.nn.silu(gate) * h
+            h = _recomputed(lambda g, h: jax.nn.silu(g) * h)(gate, h)
         else:
             raise ValueError(f"unknown mlp type {cfg.mlp!r}")
         if cfg.mlp_norm:
-            h = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(h)
+            h = LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(h)
         return dense(cfg.width, "fc2")(h)
 
 
@@ -221,7 +233,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, rope=None):
         cfg, dt = self.cfg, _dtype(self.cfg)
-        norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name=name)
+        norm = lambda name: LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name=name)
         scale = (lambda name: LayerScale(name=name)) if cfg.layer_scale else (lambda name: None)
         h = Attention(cfg, name="attn")(norm("norm1")(x), rope)
         ls1 = scale("ls1")
@@ -338,7 +350,7 @@ class ViT(nn.Module):
             reg = jnp.broadcast_to(reg.astype(dt), (b, cfg.reg_tokens, cfg.width))
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
         if cfg.pre_norm:
-            x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="pre_norm")(x)
+            x = LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="pre_norm")(x)
         rope = None
         if cfg.rope:
             rope = tuple(jnp.asarray(t) for t in rope_tables(cfg, g, x.shape[1]))
@@ -350,7 +362,7 @@ class ViT(nn.Module):
         for i in range(cfg.depth):
             x = block(cfg, name=f"blocks_{i}")(x, rope)
         if cfg.final_norm:
-            x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(x)
+            x = LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="norm")(x)
         if cfg.pool == "cls":
             feat = x[:, 0]
         elif cfg.pool == "avg":
@@ -360,7 +372,7 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"unknown pooling {cfg.pool!r}")
         if cfg.fc_norm:
-            feat = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="fc_norm")(feat)
+            feat = LayerNorm(epsilon=cfg.norm_eps, dtype=dt, name="fc_norm")(feat)
         if cfg.proj_dim:
             feat = nn.Dense(cfg.proj_dim, use_bias=False, dtype=dt, name="proj")(feat)
         return feat.astype(jnp.promote_types(dt, jnp.float32))
