@@ -96,11 +96,13 @@ row in100_online 110 --classes 100 --aug-rounds 10 --real images --chunk 200 --a
 # ImageNet-1k (C = 1000, K = 3: 3000 + 3000).
 row in1k_online 150 --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
 # One chunk: the forward pass is kept for the backward one (2 forwards per synthetic row instead
-# of 3). Kept per row (benchmark.py --lower): 133 MiB without remat (all 1000 rows: 130 GiB, not
-# run), 38.4 MiB with remat "matmuls" (q/k/v and MLP-hidden projections kept; norms, attention
-# and activations recomputed, ~2.1 forwards; 37.5 GiB), 6.8 MiB with "block" (3 forwards).
+# of 3). Kept per row (benchmark.py --lower): 36.5 MiB with remat "matmuls" (q/k/v and
+# MLP-hidden projections kept; norms, attention and activations recomputed, ~2.05 forwards;
+# 35.7 GiB for 1000 rows), 50.2 MiB without remat (49 GiB: above the 40 GiB target, the
+# fewest FLOPs), 4.9 MiB with "block" (3 forwards).
 row in100_cached_whole_matmuls 100 --classes 100 --aug-rounds 10 --real features --remat --remat-policy matmuls --attention cudnn
 row in100_online_whole_matmuls 110 --classes 100 --aug-rounds 10 --real images --remat --remat-policy matmuls --attention cudnn
+row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --attention cudnn
 # What the fused kernel buys.
 row in100_online_xla 110 --classes 100 --aug-rounds 10 --real images --chunk 200
 # The reference's smallest setting (10 classes, K = 10), one chunk: 2 forwards per synthetic row.
