@@ -271,19 +271,22 @@ def run_full(
         [dataset, n, backbone, weights, seed, ev.SYN_RES, cfg.settings(n)], sort_keys=True
     )
     t0 = time.time()
-    probes, losses = probe.train_streamed(
-        features,
-        params,
-        load,
-        n,
-        feat_dim=feat_dim,
-        cfg=cfg,
-        seeds=seeds,
-        rng=jax.random.key(seed),
-        workers=workers,
-        progress=os.path.join(out, "progress"),
-        fingerprint=fingerprint,
-    )
+    try:
+        probes, losses = probe.train_streamed(
+            features,
+            params,
+            load,
+            n,
+            feat_dim=feat_dim,
+            cfg=cfg,
+            seeds=seeds,
+            rng=jax.random.key(seed),
+            workers=workers,
+            progress=os.path.join(out, "progress"),
+            fingerprint=fingerprint,
+        )
+    except probe.ProgressMismatch as e:
+        raise ev.InputError(str(e)) from e
     jax.block_until_ready(losses)
     result = ev.protocol_result(
         probes, losses, n, time.time() - t0, features=features, params=params, cfg=cfg,

@@ -273,7 +273,7 @@ def train_probes(
     images: uint8 [N, H, H, 3] (or float in [0, 1]), shared by the seeds, or [S, N, H, H, 3]
     with one set per seed; labels [N] or [S, N]. Returns ((W [S, C, F], b [S, C]), loss [S, E]).
     With several local devices the seeds are split over up to `devices` of them (None: all);
-    a seed's probe does not depend on where it is trained.
+    a seed's probe does not depend on where it is trained (beyond float rounding).
     """
     rng = jax.random.key(0) if rng is None else rng
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
@@ -337,13 +337,17 @@ def _save_progress(path: str, probe, opt, epoch: int, losses, fingerprint: str) 
     os.replace(tmp, path)  # a kill during the write leaves the previous file whole
 
 
+class ProgressMismatch(ValueError):
+    """A saved progress file that belongs to another probe run."""
+
+
 def _load_progress(path: str, probe, opt, fingerprint: str):
     """(probe, opt, next epoch, losses) from `path`, or None when there is nothing to resume."""
     if not os.path.exists(path):
         return None
     with np.load(path) as f:
         if str(f["fingerprint"]) != fingerprint:
-            raise ValueError(
+            raise ProgressMismatch(
                 f"{path} holds the progress of a different probe run (other data, backbone or "
                 "settings); delete it or write to another --out"
             )

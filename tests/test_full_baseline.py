@@ -109,7 +109,7 @@ def test_streamed_probe_skips_corrupt_images():
     assert np.abs(np.asarray(w - w_black)).max() > 1e-4
 
 
-def test_full_baseline_end_to_end(tmp_path, monkeypatch):
+def test_full_baseline_end_to_end(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(3)
     train_x, train_y = colour_images(24, 4, rng)
     test_x, test_y = colour_images(20, 4, rng, res=RES)
@@ -143,6 +143,12 @@ def test_full_baseline_end_to_end(tmp_path, monkeypatch):
     again = json.loads((out / "eval.json").read_text())
     assert again["top1"] == result["top1"]
     assert again["final_train_loss"] == result["final_train_loss"]
+    # Other settings into the same --out: refused, naming the file; the finished run kept.
+    capsys.readouterr()
+    assert bl.main([*argv, "--epochs", "16"]) == 2  # the last --epochs counts
+    err = capsys.readouterr().err
+    assert "progress.seed0.npz" in err and "different probe run" in err
+    assert json.loads((out / "eval.json").read_text()) == again
 
 
 def test_random_crops_are_drawn_per_epoch_and_image():
