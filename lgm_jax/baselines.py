@@ -245,9 +245,8 @@ def run_full(
 ) -> dict:
     """The full-dataset probe, the train split streamed from its source a batch at a time
     (shorter side 256, a random 256 crop drawn per epoch and image, then the protocol's flip +
-    random resized crop); progress is
-    saved after every epoch in DIR/progress.seed<k>.npz and an interrupted run given the same
-    command continues from its last finished epoch."""
+    random resized crop); progress is saved after every epoch in DIR/progress.seed<k>.npz and
+    an interrupted run given the same command continues from its last finished epoch."""
     from lgm_jax import data
 
     ds = data.get_dataset(dataset, data_dir)
@@ -262,8 +261,8 @@ def run_full(
 
     def load(indices, mask, epoch):  # SPEC's real images: shorter side 256, random 256 crop
         crop = (seed, epoch)  # a fresh crop of each image every epoch, the same on a rerun
-        res = ev.SYN_RES
-        return data.read_batch(source, indices, res=res, resize=res, mask=mask, crop_seed=crop)
+        side = ev.SYN_RES  # (res is the backbone's: the probe's crops and the test images)
+        return data.read_batch(source, indices, res=side, resize=side, mask=mask, crop_seed=crop)
 
     os.makedirs(out, exist_ok=True)
     # What the saved progress must agree with to be continued (the probe's settings included).
