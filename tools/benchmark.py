@@ -15,10 +15,11 @@ Four modes:
   --lower PLATFORM   trace and lower the step for "cuda", "rocm" or "tpu" on any machine (shapes
                      only: the full ViT-B/14 step lowers in seconds on a laptop) and list what it
                      will run: custom calls (cuDNN's fused attention forward and backward with
-                     --attention cudnn), host callbacks (there should be none), and how many
-                     outputs reuse donated input buffers. A check of a GPU/TPU setting before
-                     device time is spent on it; it does not compile, so it says nothing of
-                     memory or of XLA's own limits.
+                     --attention cudnn), host callbacks (there should be none), how many inputs
+                     are donated (updated in place), and the bytes the backbone keeps per row
+                     for its backward pass. A check of a GPU/TPU setting before device time is
+                     spent on it; it does not compile, so it says nothing of XLA's buffer
+                     assignment or its own limits.
 
 FLOP convention (analytic, `vit_flops`): one multiply-add = 2 FLOPs; backbone matmuls only
 (patch embedding, per block q/k/v, attention scores, attention x V, output projection, MLP), no
@@ -338,6 +339,8 @@ def lower(args) -> dict:
 
     import jax
 
+    from lgm_jax import lgm
+
     with _assume_cudnn(args.lower):  # the parameters' init traces attention too
         step, step_args, vcfg, cfg = setup(args, abstract=True)
         t0 = time.perf_counter()
@@ -349,9 +352,8 @@ def lower(args) -> dict:
     for name in re.findall(r"custom_call @([\w$.]+)", text):
         calls[name] = calls.get(name, 0) + 1
     main_sig = next((line for line in text.splitlines() if "func.func public @main" in line), "")
-    from lgm_jax import lgm
-
-    rows = cfg.num_real // (jax.device_count() if args.mesh else 1)  # synthetic rows per device
+    devices = jax.device_count() if args.mesh else 1
+    chunk = lgm.chunk_size(cfg.num_real // devices, cfg.chunk_size)  # synthetic rows a call
     return {
         "lowered_for": args.lower,
         "jax_version": jax.__version__,
@@ -367,10 +369,10 @@ def lower(args) -> dict:
         "donated_inputs": sum(
             main_sig.count(m) for m in ("tf.aliasing_output", "jax.buffer_donor")
         ),
-        "flops_per_step": step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1),
+        "flops_per_step": step_flops(vcfg, cfg, devices),
         "residual_bytes_per_row": per_row,
-        "rows_per_chunk": lgm.chunk_size(rows, cfg.chunk_size),
-        "residual_bytes_per_chunk": per_row * lgm.chunk_size(rows, cfg.chunk_size),
+        "rows_per_chunk": chunk,
+        "residual_bytes_per_chunk": per_row * chunk,
     }
 
 
@@ -423,7 +425,8 @@ def run(args) -> dict:
         print("warning: the last step was not finite", file=sys.stderr)
     times = np.asarray(times)
     median = float(np.median(times))
-    flops = step_flops(vcfg, cfg, jax.device_count() if args.mesh else 1)
+    devices = jax.device_count() if args.mesh else 1
+    flops = step_flops(vcfg, cfg, devices)
     tflops = flops / median / 1e12
     dev = jax.devices()[0]
     peak = peak_tflops(dev.device_kind, args.dtype)
@@ -444,7 +447,7 @@ def run(args) -> dict:
         "real_images_per_s": cfg.num_real / median,
         "flops_per_step": flops,
         "flops_convention": "vit matmul FLOPs; 1 fwd/real image (0 if cached), "
-        f"{syn_passes(cfg, jax.device_count() if args.mesh else 1)} fwd/syn row",
+        f"{syn_passes(cfg, devices)} fwd/syn row",
         "tflops": tflops,
         "peak_fraction": None if peak is None else tflops / peak,
         "peak_mem_bytes": mem if mem is not None else cmem.get("total"),
