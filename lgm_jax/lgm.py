@@ -171,7 +171,8 @@ def to_unit(images) -> jax.Array:
 
 def real_features(features: FeatureFn, params, images, aug_params, cfg: StepConfig):
     """Features of augmented real images [R, F]; constants for the meta-gradient."""
-    x = augment.apply(to_unit(images), aug_params, cfg.augment)
+    with jax.named_scope("augment"):
+        x = augment.apply(to_unit(images), aug_params, cfg.augment)
     return jax.lax.stop_gradient(features(params, normalize(x, cfg)))
 
 
@@ -309,19 +310,24 @@ def meta_grad(
     chunk = chunk_size(local, cfg.chunk_size)
     n_chunks = local // chunk
 
+    # The named scopes label the phases of the step in profiles (tools/trace_summary.py).
     if cfg.real_input == "features":
         z_real = real.astype(jnp.float32)
     else:
         real_fn = lambda x, r: real_features(
             features, params, x, augment.sample_rows(k_real, r, cfg.augment), cfg
         )
-        z_real = _map_chunks(real_fn, (real, real_rows), chunk)
-    g_real = psum(probe_grad(w, b, z_real, real_labels, cfg.num_real))
+        with jax.named_scope("real_features"):
+            z_real = _map_chunks(real_fn, (real, real_rows), chunk)
+    with jax.named_scope("probe"):
+        g_real = psum(probe_grad(w, b, z_real, real_labels, cfg.num_real))
 
     def syn_fn(rows_levels, r):
         """Features of synthetic rows r from their own pyramid rows (one per row)."""
-        imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
-        x = augment.apply(imgs, augment.sample_rows(k_syn, r, cfg.augment), cfg.augment)
+        with jax.named_scope("decode"):
+            imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
+        with jax.named_scope("augment"):
+            x = augment.apply(imgs, augment.sample_rows(k_syn, r, cfg.augment), cfg.augment)
         return features(params, normalize(x, cfg))
 
     index = lambda r: r % cfg.num_syn - first  # row -> image within the held levels
@@ -333,30 +339,29 @@ def meta_grad(
     labels = syn_labels(cfg)[syn_rows % cfg.num_syn]
     partial_g = lambda z: probe_grad(w, b, z, labels, cfg.num_real)
 
-    if n_chunks == 1:
-        z_syn, pull = jax.vjp(lambda lv: syn_fn(gather(lv, syn_rows), syn_rows), own_levels)
-    else:
-        z_syn = _map_chunks(lambda r: syn_fn(gather(levels, r), r), (syn_rows,), chunk)
-    g_syn = psum(partial_g(z_syn))
-    loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
-    d_z = jax.vjp(partial_g, z_syn)[1](vary(d_gsyn))[0]
+    with jax.named_scope("syn_features"):
+        if n_chunks == 1:
+            z_syn, pull = jax.vjp(lambda lv: syn_fn(gather(lv, syn_rows), syn_rows), own_levels)
+        else:
+            z_syn = _map_chunks(lambda r: syn_fn(gather(levels, r), r), (syn_rows,), chunk)
+    with jax.named_scope("probe"):
+        g_syn = psum(partial_g(z_syn))
+        loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
+        d_z = jax.vjp(partial_g, z_syn)[1](vary(d_gsyn))[0]
 
-    if n_chunks == 1:
-        (grads,) = pull(d_z)
-    else:
+    def backward(acc, xs):
+        r, dz = xs
+        (d_rows,) = jax.vjp(lambda rl: syn_fn(rl, r), gather(own_levels, r))[1](dz)
+        return tuple(a.at[index(r)].add(g) for a, g in zip(acc, d_rows)), None
 
-        def backward(acc, xs):
-            r, dz = xs
-            (d_rows,) = jax.vjp(lambda rl: syn_fn(rl, r), gather(own_levels, r))[1](dz)
-            return tuple(a.at[index(r)].add(g) for a, g in zip(acc, d_rows)), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, own_levels)
-        grads, _ = jax.lax.scan(
-            backward,
-            zeros,
-            (syn_rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1)),
-        )
-    return loss, (grads if by_class else psum(grads))
+    with jax.named_scope("syn_backward"):
+        if n_chunks == 1:
+            (grads,) = pull(d_z)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, own_levels)
+            rows_dz = (syn_rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1))
+            grads, _ = jax.lax.scan(backward, zeros, rows_dz)
+        return loss, (grads if by_class else psum(grads))
 
 
 def apply_grads(state: State, loss, grads, tx) -> tuple[State, dict]:
@@ -427,7 +432,8 @@ def make_step(features: FeatureFn, feat_dim: int, tx, cfg: StepConfig, mesh=None
     def step(state: State, params, real, real_labels):
         keys = step_keys(state.rng, state.step)
         loss, grads = grad_fn(state.levels, params, real, real_labels, keys)
-        state, metrics = apply_grads(state, loss, grads, tx)
+        with jax.named_scope("optimizer"):
+            state, metrics = apply_grads(state, loss, grads, tx)
         if mesh is not None:  # keep the layout from step to step
             state = jax.lax.with_sharding_constraint(state, state_sharding(state, mesh, by_class))
         return state, metrics

@@ -40,7 +40,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--backbone", "tiny"]
     cmd += ["--classes", "2", "--aug-rounds", "2", "--chunk", "2", "--dtype", "float32"]
     cmd += ["--steps", "3", "--warmup", "1", "--syn-res", "32", "--image-res", "28"]
-    cmd += ["--json", str(out)]
+    cmd += ["--json", str(out), "--profile", str(tmp_path / "trace")]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -58,6 +58,20 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert r["config"]["classes"] == 2 and r["config"]["chunk"] == 2
     assert 0 <= r["loss"] <= 2
     assert "step (median" in proc.stdout
+    # --profile: two more steps traced; every op of the trace found in the step's HLO, and the
+    # backbone's time in each phase that runs it (C = 2, K = 2, chunk 2: real and synthetic).
+    p = r["profile"]
+    assert "error" not in p, p
+    assert p["source"] == "host" and p["steps"] == 2 and p["events"] > 0
+    assert p["unmatched_op_s_per_step"] == 0
+    assert sum(p["by_kind"].values()) == pytest.approx(p["op_s_per_step"])
+    assert sum(p["by_phase"].values()) == pytest.approx(p["op_s_per_step"])
+    assert p["by_kind"]["matmul"] > 0
+    for ph in ("real_features/backbone", "syn_features/backbone", "syn_backward/backbone"):
+        assert p["by_phase"].get(ph, 0) > 0, (ph, p["by_phase"])
+    assert 0 < p["busy_s_per_step"] <= p["wall_s_per_step"]
+    assert (tmp_path / "trace" / "step.hlo.txt.gz").exists()
+    assert "by phase:" in proc.stdout
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path):

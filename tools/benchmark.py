@@ -7,7 +7,9 @@ Four modes:
   default            build the real step, compile it (timed), run `--warmup` untimed and `--steps`
                      timed steps (block_until_ready on every step's outputs) and report the step
                      time (median, p10, p90), images per second, achieved TFLOP/s, the fraction of
-                     the device's peak and the peak memory;
+                     the device's peak and the peak memory; with `--profile DIR`, then traces
+                     `--profile-steps` more steps and reports where the device time went (by
+                     kind of op, by phase of the step, the top ops: tools/trace_summary.py);
   --memory-scaling   compile (not run) the step at `--classes` and at `--scale`x that many
                      classes with the same chunk and print both memory figures and their ratio;
   --sweep            one subprocess per (classes, chunk) pair (so that each gets a fresh
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import importlib.util
 import json
 import os
@@ -96,6 +99,7 @@ FIELDS = (
     "peak_mem_bytes",
     "mem_source",
     "compiled_mem",
+    "profile",
 )
 
 
@@ -431,7 +435,7 @@ def run(args) -> dict:
     dev = jax.devices()[0]
     peak = peak_tflops(dev.device_kind, args.dtype)
     mem = device_peak_memory()
-    return {
+    result = {
         "device_kind": dev.device_kind,
         "platform": dev.platform,
         "num_devices": jax.device_count(),
@@ -454,7 +458,43 @@ def run(args) -> dict:
         "mem_source": "memory_stats" if mem is not None else "memory_analysis",
         "compiled_mem": cmem,
         "loss": float(metrics["loss"]),
+        "profile": None,
     }
+    if args.profile:
+        if args.json:  # the timings are safe on disk before the (slower) traced steps
+            write_json(args.json, result)
+        result["profile"] = profile(compiled, state, (params, real, labels), args)
+    return result
+
+
+def write_json(path: str, result) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def profile(compiled, state, rest, args) -> dict:
+    """Trace `--profile-steps` more steps into `--profile` (with the step's optimised HLO beside
+    the trace) and summarise where the device time went (`trace_summary.summarize`). A failure
+    to trace is reported in the result, not raised: the timings above stand without it."""
+    import jax
+    import trace_summary
+
+    os.makedirs(args.profile, exist_ok=True)
+    hlo = compiled.as_text()
+    with gzip.open(os.path.join(args.profile, "step.hlo.txt.gz"), "wt") as f:
+        f.write(hlo)
+    wall = 0.0
+    try:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(args.profile_steps):
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, *rest)
+                jax.block_until_ready((state, metrics))
+                wall += time.perf_counter() - t0
+        return trace_summary.summarize(args.profile, hlo, args.profile_steps, wall)
+    except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timings
+        print(f"warning: no profile: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def gib(x) -> str:
@@ -488,6 +528,13 @@ def print_result(r: dict) -> None:
     ]
     for name, val in rows:
         print(f"  {name:<28} {val}")
+    prof = r.get("profile")
+    if prof and "error" in prof:
+        print(f"  profile: failed ({prof['error']})")
+    elif prof:
+        import trace_summary
+
+        trace_summary.print_summary(prof)
 
 
 def print_lowered(r: dict) -> None:
@@ -616,6 +663,13 @@ def parse(argv):
     p.add_argument("--real-res", type=int, default=None, help="real image side (default syn-res)")
     p.add_argument("--mesh", action="store_true", help="shard over all devices (data mesh)")
     p.add_argument("--json", help="write the result here")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the timed steps, trace --profile-steps more into DIR and report where the "
+        "device time goes (by kind of op, by phase of the step, top ops)",
+    )
+    p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--memory-scaling", action="store_true")
     p.add_argument("--scale", type=int, default=10, help="multiplier for --memory-scaling")
     p.add_argument("--sweep", action="store_true")
@@ -652,8 +706,7 @@ def main(argv=None):
         result = run(args)
         print_result(result)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 
