@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The GPU rows of BENCHMARKS.md in one go, on one H100/H200 (at most ~9 minutes).
 #
-#     bash tools/gpu_bench.sh            # JSON to $OUT/gpu_bench (or ./gpu_bench_out), log to stdout
+#     bash tools/gpu_bench.sh     # results in $OUT (or ./gpu_bench_out), log to stdout
+#
+# What comes back (the device returns at most 8 files from $OUT): gpu_bench.tgz (every row's
+# JSON and stderr, the lowered rows in smoke mode, the data and golden checks, each profiled
+# row's step HLO; rewritten after every row, so a run cut short still returns what it finished)
+# and trace_<row>.json.gz, the perfetto trace of each profiled row (open in ui.perfetto.dev, or
+# `python tools/trace_summary.py`), where it is under 15 MiB.
 #
 # Needs jax with CUDA, flax and optax (the device image's python3 has them; lgm_jax is used from
 # this checkout through PYTHONPATH, nothing is installed). DINOv2 ViT-B/14, bfloat16, random
@@ -15,8 +21,18 @@
 # copy them into an ignored folder of the checkout (e.g. .golden/) and carry that path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-$PWD/gpu_bench_out}/gpu_bench"
-mkdir -p "$out"
+dest="${OUT:-$PWD/gpu_bench_out}"
+out="${GPU_BENCH_DIR:-$(mktemp -d)}"
+mkdir -p "$out" "$dest"
+pack() {  # everything but the traces into one file; each trace on its own if small enough
+  tar czf "$dest/gpu_bench.tgz.part" -C "$out" --exclude=./traces . && mv "$dest/gpu_bench.tgz.part" "$dest/gpu_bench.tgz"
+  local t row
+  for t in "$out"/traces/*/plugins/profile/*/perfetto_trace.json.gz; do
+    [ -f "$t" ] || continue
+    row=${t#"$out"/traces/}; row=${row%%/*}
+    if [ "$(stat -c %s "$t")" -lt $((15 * 1024 * 1024)) ]; then cp "$t" "$dest/trace_$row.json.gz"; fi
+  done
+}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 py="${PYTHON:-python3}"
@@ -50,9 +66,14 @@ timeout 60 "$py" tools/data_bench.py --threads 1 4 8 16 --images $((smoke ? 40 :
 # 30 s of this budget (counted from the script's start) is left, and a row's limit never runs
 # past it.
 budget="${GPU_BENCH_BUDGET:-540}"
-row() {  # name, time limit (s), flags...
+row() {  # name, time limit (s), flags... ("profile" as the first flag: trace 2 more steps)
   local name=$1 limit=$2
   shift 2
+  local prof=()
+  if [ "${1:-}" = profile ]; then
+    prof=(--profile "$out/traces/$name")
+    shift
+  fi
   local left=$((budget - SECONDS))
   if [ "$left" -lt 30 ]; then
     echo "!! $name skipped: the time budget (${budget} s) is spent"
@@ -76,8 +97,12 @@ row() {  # name, time limit (s), flags...
   fi
   echo "== $name: $*"
   local rc=0
-  timeout "$limit" "$py" tools/benchmark.py "${common[@]}" "$@" --json "$out/$name.json" \
-    2>"$out/$name.err" || rc=$?
+  timeout "$limit" "$py" tools/benchmark.py "${common[@]}" "$@" "${prof[@]}" \
+    --json "$out/$name.json" 2>"$out/$name.err" || rc=$?
+  if [ -n "${prof[*]}" ] && [ -f "$out/traces/$name/step.hlo.txt.gz" ]; then
+    cp "$out/traces/$name/step.hlo.txt.gz" "$out/$name.hlo.txt.gz"
+  fi
+  pack
   if [ "$rc" = 0 ]; then return; fi
   echo "!! $name failed (rc $rc): $(tail -n 1 "$out/$name.err")"
   # A failure of cuDNN's fused attention (not out of memory, not the time limit): the same row
@@ -86,21 +111,22 @@ row() {  # name, time limit (s), flags...
     && ! grep -qiE "out of memory|RESOURCE_EXHAUSTED" "$out/$name.err"; then
     local args=()
     for a in "$@"; do [ "$a" = cudnn ] && a=xla; args+=("$a"); done
+    if [ -n "${prof[*]}" ]; then args=(profile "${args[@]}"); fi
     row "${name}_xla_fallback" "$limit" "${args[@]}"
   fi
 }
 
 # ImageNet-100 (C = 100, K = 10: 1000 synthetic rows + 1000 real images), fused attention.
-row in100_cached 100 --classes 100 --aug-rounds 10 --real features --chunk 200 --attention cudnn
-row in100_online 110 --classes 100 --aug-rounds 10 --real images --chunk 200 --attention cudnn
+row in100_cached 110 profile --classes 100 --aug-rounds 10 --real features --chunk 200 --attention cudnn
+row in100_online 120 profile --classes 100 --aug-rounds 10 --real images --chunk 200 --attention cudnn
 # ImageNet-1k (C = 1000, K = 3: 3000 + 3000).
-row in1k_online 150 --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
+row in1k_online 160 profile --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
 # One chunk: the forward pass is kept for the backward one (2 forwards per synthetic row instead
 # of 3). Kept per row (benchmark.py --lower): 36.5 MiB with remat "matmuls" (q/k/v and
 # MLP-hidden projections kept; norms, attention and activations recomputed, ~2.05 forwards;
 # 35.7 GiB for 1000 rows), 50.2 MiB without remat (49 GiB: above the 40 GiB target, the
 # fewest FLOPs), 4.9 MiB with "block" (3 forwards).
-row in100_cached_whole_matmuls 100 --classes 100 --aug-rounds 10 --real features --remat --remat-policy matmuls --attention cudnn
+row in100_cached_whole_matmuls 110 profile --classes 100 --aug-rounds 10 --real features --remat --remat-policy matmuls --attention cudnn
 row in100_online_whole_matmuls 110 --classes 100 --aug-rounds 10 --real images --remat --remat-policy matmuls --attention cudnn
 row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --attention cudnn
 # What the fused kernel buys.
@@ -111,12 +137,24 @@ row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features -
 
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
+sys.path.insert(0, "tools")
+import trace_summary
+paths = sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))
+for path in paths:  # where the time went, for the profiled rows
+    r = json.load(open(path))
+    if r.get("profile"):
+        print(f"== profile of {os.path.basename(path)[:-5]}")
+        if "error" in r["profile"]:
+            print(f"  failed: {r['profile']['error']}")
+        else:
+            trace_summary.print_summary(r["profile"], top=8)
 print(f"{'row':28s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'TFLOP/s':>8s} {'peak':>6s} {'GiB':>7s} {'compile':>8s}")
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+for path in paths:
     r = json.load(open(path))
     frac = r.get("peak_fraction")
     print(f"{os.path.basename(path)[:-5]:28s} {r['step_s_median']:9.4f} {r['step_s_p10']:7.4f} "
           f"{r['step_s_p90']:7.4f} {r['tflops']:8.1f} {(frac or 0) * 100:5.1f}% "
           f"{(r['peak_mem_bytes'] or 0) / 2**30:7.2f} {r['compile_s']:7.1f}s")
 EOF
-echo "JSON in $out"
+pack
+echo "results in $dest: gpu_bench.tgz ($(du -h "$dest/gpu_bench.tgz" | cut -f1)), $(ls "$dest" | grep -c '^trace_') traces"
