@@ -265,3 +265,33 @@ def test_recomputed_norms_and_activations_keep_values_and_save_memory(name, monk
     # Each norm would keep 3 float32 [T, D] tensors more per image (2 norms a block at least).
     t, d = 1 + (s // backbone.config.patch_size) ** 2, backbone.config.width  # tokens >= this
     assert kept0 - kept >= 2 * 2 * 3 * t * d * 4
+
+
+@pytest.mark.parametrize("dtype,bias", [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_patch_embed_is_the_strided_convolution(dtype, bias):
+    """PatchEmbed (a matmul over flattened patches) against flax's stride-p nn.Conv: the same
+    parameter names, shapes and initial values, the same outputs and input gradients."""
+    from flax import linen as nn
+
+    from lgm_jax.models import vit
+
+    p, width = 7, 16
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 3))
+    ours = vit.PatchEmbed(width, p, bias, dtype)
+    conv = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=bias, dtype=dtype)
+    params = ours.init(jax.random.key(0), x)["params"]
+    conv_params = conv.init(jax.random.key(0), x)["params"]
+    assert jax.tree_util.tree_map(np.asarray, params).keys() == conv_params.keys()
+    for k in params:
+        np.testing.assert_array_equal(params[k], conv_params[k])
+    if bias:  # a non-zero bias, so that adding it is checked too
+        params = {**params, "bias": jnp.linspace(-1.0, 1.0, width)}
+    f = lambda x: ours.apply({"params": params}, x)
+    g = lambda x: conv.apply({"params": params}, x).reshape(3, 16, width)
+    y, vjp = jax.vjp(f, x)
+    y0, vjp0 = jax.vjp(g, x)
+    assert y.shape == (3, 16, width) and y.dtype == y0.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(y), np.float32(y0), rtol=tol, atol=tol)
+    ct = jnp.cos(jnp.arange(3 * 16 * width, dtype=jnp.float32).reshape(3, 16, width)).astype(dtype)
+    np.testing.assert_allclose(np.float32(vjp(ct)[0]), np.float32(vjp0(ct)[0]), rtol=tol, atol=tol)
