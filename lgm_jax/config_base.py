@@ -61,6 +61,13 @@ def base() -> ml_collections.ConfigDict:
     c.eval.epochs = 1000
     c.eval.mode = "exact"  # or "fast" (precomputed features of augmented views)
 
+    # Trace `steps` steps from step `start` (-1: never) into workdir/profile and write where the
+    # device time went to workdir/profile/summary.json (lgm_jax/profiling.py); pick a start away
+    # from a pyramid growth (every pyramid.grow_every steps), whose step compiles anew.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start = -1
+    c.profile.steps = 3
+
     c.log_every = 10
     c.image_every = 500
     c.checkpoint_every = 250

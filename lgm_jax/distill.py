@@ -18,6 +18,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lgm_jax import augment, lgm, pyramid
+from lgm_jax import augment, lgm, profiling, pyramid
 
 log = logging.getLogger("lgm_jax")
 
@@ -390,6 +391,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
         guard.check()  # never write a checkpoint past a run of failures
         save_checkpoint(mngr, s, checkpoint_meta(s, ident, guard.total))
 
+    tracer = None
+    if is_main and config.profile.start >= start:
+        tracer = profiling.StepTracer(
+            os.path.join(workdir, "profile"), config.profile.start, config.profile.steps
+        )
     t_last, s_last = time.time(), start
     last = config.steps  # the reference runs steps 0..steps inclusive
     batches = data.prefetch_map(load, range(start, last + 1), config.prefetch)
@@ -399,7 +405,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
             if should_grow(config, step, finest):
                 state = grow_state(state, tx, config.pyramid.init_mode, place)
                 log.info("step %d: pyramid grows to %d px", step, finest * 2)
+                if tracer is not None and tracer.active:
+                    log.warning(
+                        "the pyramid grew inside the profiled steps: the profile's wall time "
+                        "holds a compilation; choose another profile.start"
+                    )
+            if tracer is not None:
+                tracer.before(step, state)
             state, metrics = step_fn(state, params, real, labels)
+            if tracer is not None:
+                hlo = functools.partial(_hlo_text, step_fn, state, params, real, labels)
+                if (summary := tracer.after(step, state, hlo)) is not None:
+                    log.info("profile of steps %d..%d (%s):", tracer.start, step, tracer.folder)
+                    log.info("\n%s", profiling.format_summary(summary))
             guard.push(step, metrics["finite"])
             done = step + 1
             if done % config.log_every == 0 or step == last:
@@ -446,6 +464,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
                 checkpoint(state)
         checkpoint(state)
     finally:
+        if tracer is not None:
+            tracer.close()
         batches.close()
         signal.signal(signal.SIGTERM, old_handler)
         if writer is not None:
@@ -457,6 +477,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
         if config.eval.at_end:
             evaluate_run(config, workdir)
     return state
+
+
+def _hlo_text(step_fn, *args) -> str:
+    """The optimised HLO of the step compiled for these arguments (the persistent compilation
+    cache usually holds it)."""
+    return step_fn.lower(*args).compile().as_text()
 
 
 class NonFiniteGuard:

@@ -310,7 +310,7 @@ def meta_grad(
     chunk = chunk_size(local, cfg.chunk_size)
     n_chunks = local // chunk
 
-    # The named scopes label the phases of the step in profiles (tools/trace_summary.py).
+    # The named scopes label the phases of the step in profiles (lgm_jax/profiling.py).
     if cfg.real_input == "features":
         z_real = real.astype(jnp.float32)
     else:

@@ -56,12 +56,13 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
-    """An uninterrupted run."""
+    """An uninterrupted run (steps 1 and 2 profiled)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    rc, out = _run(
-        workdir, env, "--config.eval.at_end=true", "--config.eval.epochs=3", "--config.eval.seeds=2"
-    )
+    evaluation = ["--config.eval.at_end=true", "--config.eval.epochs=3", "--config.eval.seeds=2"]
+    profile = ["--config.profile.start=1", "--config.profile.steps=2"]
+    rc, out = _run(workdir, env, *evaluation, *profile)
     assert rc == 0, out
+    assert "profile of steps 1..2" in out and "by phase:" in out
     return workdir
 
 
@@ -76,6 +77,17 @@ def test_run_writes_images_labels_and_pngs(reference):
     assert list(reference.glob("events.out.tfevents.*"))
     result = json.loads((reference / "eval" / "dinov2_tiny" / "eval.json").read_text())
     assert len(result["top1"]["per_seed"]) == 2 and 0 <= result["top1"]["mean"] <= 100
+
+
+def test_run_profiles_the_steps_asked_for(reference):
+    p = json.loads((reference / "profile" / "summary.json").read_text())
+    assert p["steps"] == 2 and p["unmatched_op_s_per_step"] == 0
+    assert 0 < p["busy_s_per_step"] <= p["wall_s_per_step"]
+    # The demo backbone on 2 devices: each phase of the step ran, and the real images too.
+    for phase in ("real_features/backbone", "syn_features/backbone", "syn_backward/backbone"):
+        assert p["by_phase"].get(phase, 0) > 0, (phase, p["by_phase"])
+    assert (reference / "profile" / "step.hlo.txt.gz").exists()
+    assert list((reference / "profile").glob("plugins/profile/*/perfetto_trace.json.gz"))
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):

@@ -9,7 +9,7 @@ Four modes:
                      time (median, p10, p90), images per second, achieved TFLOP/s, the fraction of
                      the device's peak and the peak memory; with `--profile DIR`, then traces
                      `--profile-steps` more steps and reports where the device time went (by
-                     kind of op, by phase of the step, the top ops: tools/trace_summary.py);
+                     kind of op, by phase of the step, the top ops: lgm_jax/profiling.py);
   --memory-scaling   compile (not run) the step at `--classes` and at `--scale`x that many
                      classes with the same chunk and print both memory figures and their ratio;
   --sweep            one subprocess per (classes, chunk) pair (so that each gets a fresh
@@ -474,10 +474,11 @@ def write_json(path: str, result) -> None:
 
 def profile(compiled, state, rest, args) -> dict:
     """Trace `--profile-steps` more steps into `--profile` (with the step's optimised HLO beside
-    the trace) and summarise where the device time went (`trace_summary.summarize`). A failure
+    the trace) and summarise where the device time went (`profiling.summarize`). A failure
     to trace is reported in the result, not raised: the timings above stand without it."""
     import jax
-    import trace_summary
+
+    from lgm_jax import profiling
 
     os.makedirs(args.profile, exist_ok=True)
     hlo = compiled.as_text()
@@ -491,7 +492,7 @@ def profile(compiled, state, rest, args) -> dict:
                 state, metrics = compiled(state, *rest)
                 jax.block_until_ready((state, metrics))
                 wall += time.perf_counter() - t0
-        return trace_summary.summarize(args.profile, hlo, args.profile_steps, wall)
+        return profiling.summarize(args.profile, hlo, args.profile_steps, wall)
     except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timings
         print(f"warning: no profile: {type(e).__name__}: {e}", file=sys.stderr)
         return {"error": f"{type(e).__name__}: {e}"}
@@ -532,9 +533,9 @@ def print_result(r: dict) -> None:
     if prof and "error" in prof:
         print(f"  profile: failed ({prof['error']})")
     elif prof:
-        import trace_summary
+        from lgm_jax import profiling
 
-        trace_summary.print_summary(prof)
+        profiling.print_summary(prof)
 
 
 def print_lowered(r: dict) -> None:

@@ -7,7 +7,7 @@
 # JSON and stderr, the lowered rows in smoke mode, the data and golden checks, each profiled
 # row's step HLO; rewritten after every row, so a run cut short still returns what it finished)
 # and trace_<row>.json.gz, the perfetto trace of each profiled row (open in ui.perfetto.dev, or
-# `python tools/trace_summary.py`), where it is under 15 MiB.
+# `python -m lgm_jax.profiling`), where it is under 15 MiB.
 #
 # Needs jax with CUDA, flax and optax (the device image's python3 has them; lgm_jax is used from
 # this checkout through PYTHONPATH, nothing is installed). DINOv2 ViT-B/14, bfloat16, random
@@ -137,8 +137,7 @@ row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features -
 
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
-sys.path.insert(0, "tools")
-import trace_summary
+from lgm_jax import profiling
 paths = sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))
 for path in paths:  # where the time went, for the profiled rows
     r = json.load(open(path))
@@ -147,7 +146,7 @@ for path in paths:  # where the time went, for the profiled rows
         if "error" in r["profile"]:
             print(f"  failed: {r['profile']['error']}")
         else:
-            trace_summary.print_summary(r["profile"], top=8)
+            profiling.print_summary(r["profile"], top=8)
 print(f"{'row':28s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'TFLOP/s':>8s} {'peak':>6s} {'GiB':>7s} {'compile':>8s}")
 for path in paths:
     r = json.load(open(path))

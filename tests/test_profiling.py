@@ -1,17 +1,15 @@
-"""tools/trace_summary.py: op kinds from optimised HLO, phases from name stacks, exclusive and
+"""lgm_jax/profiling.py: op kinds from optimised HLO, phases from name stacks, exclusive and
 busy time from trace events."""
 
 import gzip
 import json
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from lgm_jax import profiling as ts
 
-import trace_summary as ts  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Written in the shapes of XLA:GPU's optimised HLO text: cuBLAS and cuDNN custom calls, a Triton
 # GEMM fusion, a loop fusion, a fusion that calls a computation holding a dot, loop machinery.

@@ -1,6 +1,6 @@
 """Where a step's device time goes: a `jax.profiler` trace read against the step's optimised HLO.
 
-    python tools/trace_summary.py TRACE_DIR --hlo step.hlo.txt.gz [--steps 2] [--top 15]
+    python -m lgm_jax.profiling TRACE_DIR --hlo step.hlo.txt.gz [--steps 2] [--top 15]
 
 `tools/benchmark.py --profile DIR` records a few steps with `jax.profiler.trace(DIR,
 create_perfetto_trace=True)`, saves the compiled step's HLO beside it and calls `summarize`;
@@ -35,6 +35,7 @@ import gzip
 import json
 import os
 import re
+import time
 
 PHASES = ("real_features", "syn_features", "probe", "syn_backward", "optimizer")
 PARTS = {"ViT": "backbone", "decode": "decode", "augment": "augment"}
@@ -298,24 +299,85 @@ def summarize(
     return out
 
 
-def print_summary(p: dict, top: int = 10) -> None:
+def format_summary(p: dict, top: int = 10) -> str:
+    """The summary as text: totals, by kind, by phase (shares of 0.5% and more), the top ops."""
     wall = p["wall_s_per_step"]
     busy = f", busy {p['busy_fraction']:.0%} of the wall time" if p["busy_fraction"] else ""
-    print(
+    lines = [
         f"  profile: {p['op_s_per_step'] * 1e3:.1f} ms of ops per step"
         + (f" in {wall * 1e3:.1f} ms wall" if wall else "")
         + busy
-    )
+    ]
     total = p["op_s_per_step"] or 1.0
     for title, table in (("kind", p["by_kind"]), ("phase", p["by_phase"])):
         shown = [(k, v) for k, v in table.items() if v / total >= 0.005]
         cells = [f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in shown]
-        print(f"    by {title}: " + ", ".join(cells))
+        lines.append(f"    by {title}: " + ", ".join(cells))
     for r in p["top_ops"][:top]:
-        print(
+        lines.append(
             f"    {r['s_per_step'] * 1e3:8.2f} ms x{r['runs_per_step']:<5g} {r['kind']:<13} "
             f"{r['phase']:<26} {r['op']}"
         )
+    return "\n".join(lines)
+
+
+def print_summary(p: dict, top: int = 10) -> None:
+    print(format_summary(p, top))
+
+
+class StepTracer:
+    """Traces steps [start, start + steps) of a training loop into `folder` and summarises them
+    (`summarize`) into folder/summary.json.
+
+        tracer = StepTracer(folder, start=250, steps=3)
+        for step in ...:
+            tracer.before(step, state)
+            state, metrics = step_fn(state, ...)
+            tracer.after(step, state, lambda: step_fn.lower(state, ...).compile().as_text())
+
+    The device is synchronised only at the window's two ends, so the traced steps run as the
+    others do (dispatched ahead of the device), and the wall time is that of the window alone.
+    `close` stops a trace left open by a loop that ended inside the window."""
+
+    def __init__(self, folder: str, start: int, steps: int):
+        self.folder, self.start, self.steps = folder, start, steps
+        self.active = False
+        self.summary: dict | None = None
+
+    def before(self, step: int, state) -> None:
+        if step != self.start or self.steps <= 0:
+            return
+        import jax
+
+        jax.block_until_ready(state)  # the steps before the window are not in its time
+        os.makedirs(self.folder, exist_ok=True)
+        jax.profiler.start_trace(self.folder, create_perfetto_trace=True)
+        self.active, self.t0 = True, time.perf_counter()
+
+    def after(self, step: int, state, hlo_text) -> dict | None:
+        """At the window's last step: stop, summarise, write summary.json; returns the summary.
+        `hlo_text`: a callable giving the step's optimised HLO (called only then)."""
+        if not self.active or step != self.start + self.steps - 1:
+            return None
+        import jax
+
+        jax.block_until_ready(state)
+        wall = time.perf_counter() - self.t0
+        self.close()
+        hlo = hlo_text()
+        with gzip.open(os.path.join(self.folder, "step.hlo.txt.gz"), "wt") as f:
+            f.write(hlo)
+        self.summary = summarize(self.folder, hlo, self.steps, wall)
+        with open(os.path.join(self.folder, "summary.json"), "w") as f:
+            json.dump(self.summary, f, indent=2)
+        return self.summary
+
+    def close(self) -> None:
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def read_text(path: str) -> str:
