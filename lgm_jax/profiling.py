@@ -2,13 +2,14 @@
 
     python -m lgm_jax.profiling TRACE_DIR --hlo step.hlo.txt.gz [--steps 2] [--top 15]
 
-`tools/benchmark.py --profile DIR` records a few steps with `jax.profiler.trace(DIR,
-create_perfetto_trace=True)`, saves the compiled step's HLO beside it and calls `summarize`;
-this file can also be run on such a folder later.
+`tools/benchmark.py --profile DIR` and a distillation run with `--config.profile.start=N`
+(`StepTracer`) record a few steps with `jax.profiler` (perfetto trace on), save the compiled
+step's HLO beside the trace and call `summarize`; this file can also be run on such a folder
+later.
 
-How the time is counted. Every trace event that carries an `hlo_op` of the step's module is one
-execution of one HLO instruction (a GPU kernel, a TPU op, a CPU thunk); events on a device
-(`/device:...` processes) are used when there are any, else the host's (CPU backend). An event's
+How the time is counted. Each op execution of the step's module is one trace event: on a
+device's "XLA Ops" line where it has one (TPUs), else a device kernel that names its `hlo_op`
+(GPUs), else, with no device in the trace (the CPU backend), a host thunk. An event's
 *exclusive* time is its duration minus that of the events nested inside it on the same thread
 (on the CPU a `while` contains its body's ops). Each instruction is then classed twice:
 
@@ -187,25 +188,42 @@ def find_trace(trace_dir: str) -> str:
 
 
 def op_events(trace: dict, module: str | None) -> tuple[list[tuple], str]:
-    """((pid, tid, start us, duration us, hlo_op) of the module's op executions, "device" or
-    "host"): the device's events when the trace has any."""
+    """((pid, tid, start us, duration us, HLO instruction) of the module's op executions, where
+    they came from). Where a device has an "XLA Ops" line (TPUs; GPUs where the profiler derives
+    it from the kernels), that line alone, one event per op execution: the kernels beneath it
+    would count the time twice. Else the device's kernels that name their `hlo_op`; else, with
+    no device in the trace (the CPU backend), the host's op events."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs = {
-        e["pid"]: e.get("args", {}).get("name", "")
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+    device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+    xla_ops = {k for k, name in threads.items() if k[0] in device and name == "XLA Ops"}
     ops = []
     for e in events:
+        if e.get("ph") != "X":
+            continue
         a = e.get("args") or {}
-        if e.get("ph") != "X" or "hlo_op" not in a:
+        if xla_ops:
+            if (e["pid"], e.get("tid")) not in xla_ops:
+                continue
+            # TPU op events are named by the instruction's text: "%fusion.3 = bf16[...] ...".
+            name = a.get("hlo_op") or e.get("name", "").split(" = ")[0].strip().lstrip("%")
+        elif "hlo_op" in a:
+            name = a["hlo_op"]
+        else:
             continue
         mod = a.get("hlo_module", "")
         if module and mod and not (mod == module or mod.startswith(module + "(")):
             continue
-        ops.append((e["pid"], e.get("tid", 0), float(e["ts"]), float(e.get("dur", 0)), a["hlo_op"]))
-    on_device = [o for o in ops if procs.get(o[0], "").startswith("/device:")]
-    return (on_device, "device") if on_device else (ops, "host")
+        ops.append((e["pid"], e.get("tid", 0), float(e["ts"]), float(e.get("dur", 0)), name))
+    if xla_ops:
+        return ops, "device XLA Ops line"
+    on_device = [o for o in ops if o[0] in device]
+    return (on_device, "device kernels") if on_device else (ops, "host")
 
 
 def exclusive(ops: list[tuple]) -> list[tuple[str, float]]:

@@ -78,7 +78,7 @@ def test_summarize_uses_the_device_events_of_the_step_module(tmp_path):
     ]
     _write_trace(tmp_path, events)
     s = ts.summarize(str(tmp_path), GPU_HLO, steps=2, wall_s=0.002)
-    assert s["source"] == "device" and s["events"] == 4
+    assert s["source"] == "device kernels" and s["events"] == 4
     assert s["op_s_per_step"] == pytest.approx(400e-6)  # (600 + 100 + 100) us / 2 steps
     assert s["busy_s_per_step"] == pytest.approx(375e-6)  # union 750 us / 2
     assert s["busy_fraction"] == pytest.approx(750e-6 / 0.002)
@@ -93,3 +93,28 @@ def test_summarize_uses_the_device_events_of_the_step_module(tmp_path):
 def test_missing_trace_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace=True"):
         ts.summarize(str(tmp_path), GPU_HLO, steps=1)
+
+
+def test_an_xla_ops_line_is_counted_alone(tmp_path):
+    """TPU traces (and GPU ones where the profiler derives it) have one "XLA Ops" event per op
+    execution; TPU names them by the instruction's text. The kernels beneath and the "XLA
+    Modules" line must not count again."""
+    meta = [
+        {"ph": "M", "pid": 2, "tid": 1, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 2, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 2, "tid": 3, "name": "thread_name", "args": {"name": "Stream #7"}},
+    ]
+    x = lambda tid, ts_, dur, name, args: {
+        "ph": "X", "pid": 2, "tid": tid, "ts": ts_, "dur": dur, "name": name, "args": args
+    }  # fmt: skip
+    events = meta + [
+        x(1, 0, 1000, "jit_step(42)", {}),
+        x(2, 0, 400, "%custom-call.3 = (bf16[8,4]{1,0}, s8[1024]{0}) custom-call(...)", {}),
+        x(2, 500, 200, "loop_exp_fusion", {"hlo_op": "loop_exp_fusion"}),
+        x(3, 0, 390, "sm90_gemm_kernel", {"hlo_op": "custom-call.3", "hlo_module": "jit_step"}),
+    ]
+    _write_trace(tmp_path, events)
+    s = ts.summarize(str(tmp_path), GPU_HLO, steps=1)
+    assert s["source"] == "device XLA Ops line" and s["events"] == 2
+    assert s["by_kind"] == pytest.approx({"matmul": 400e-6, "fusion": 200e-6})
+    assert s["unmatched_op_s_per_step"] == 0
