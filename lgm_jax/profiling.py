@@ -34,12 +34,15 @@ import collections
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 import time
 
 PHASES = ("real_features", "syn_features", "probe", "syn_backward", "optimizer")
 PARTS = {"ViT": "backbone", "decode": "decode", "augment": "augment"}
+
+log = logging.getLogger("lgm_jax")
 
 _MOVES = {
     "copy", "copy-start", "copy-done", "transpose", "bitcast", "reshape", "slice",
@@ -355,7 +358,8 @@ class StepTracer:
 
     The device is synchronised only at the window's two ends, so the traced steps run as the
     others do (dispatched ahead of the device), and the wall time is that of the window alone.
-    `close` stops a trace left open by a loop that ended inside the window."""
+    A profiler that fails (no tracing support, nothing traced) is a logged warning, never an
+    error of the run. `close` stops a trace left open by a loop that ended inside the window."""
 
     def __init__(self, folder: str, start: int, steps: int):
         self.folder, self.start, self.steps = folder, start, steps
@@ -368,8 +372,12 @@ class StepTracer:
         import jax
 
         jax.block_until_ready(state)  # the steps before the window are not in its time
-        os.makedirs(self.folder, exist_ok=True)
-        jax.profiler.start_trace(self.folder, create_perfetto_trace=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            jax.profiler.start_trace(self.folder, create_perfetto_trace=True)
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not stop the run
+            log.warning("no profile: the trace did not start (%s: %s)", type(e).__name__, e)
+            return
         self.active, self.t0 = True, time.perf_counter()
 
     def after(self, step: int, state, hlo_text) -> dict | None:
@@ -381,21 +389,25 @@ class StepTracer:
 
         jax.block_until_ready(state)
         wall = time.perf_counter() - self.t0
-        self.close()
-        hlo = hlo_text()
-        with gzip.open(os.path.join(self.folder, "step.hlo.txt.gz"), "wt") as f:
-            f.write(hlo)
-        self.summary = summarize(self.folder, hlo, self.steps, wall)
-        with open(os.path.join(self.folder, "summary.json"), "w") as f:
-            json.dump(self.summary, f, indent=2)
+        try:
+            self.close()
+            hlo = hlo_text()
+            with gzip.open(os.path.join(self.folder, "step.hlo.txt.gz"), "wt") as f:
+                f.write(hlo)
+            self.summary = summarize(self.folder, hlo, self.steps, wall)
+            with open(os.path.join(self.folder, "summary.json"), "w") as f:
+                json.dump(self.summary, f, indent=2)
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not stop the run
+            log.warning("no profile summary (%s: %s)", type(e).__name__, e)
+            return None
         return self.summary
 
     def close(self) -> None:
         if self.active:
             import jax
 
-            jax.profiler.stop_trace()
             self.active = False
+            jax.profiler.stop_trace()
 
 
 def read_text(path: str) -> str:

@@ -118,3 +118,29 @@ def test_an_xla_ops_line_is_counted_alone(tmp_path):
     assert s["source"] == "device XLA Ops line" and s["events"] == 2
     assert s["by_kind"] == pytest.approx({"matmul": 400e-6, "fusion": 200e-6})
     assert s["unmatched_op_s_per_step"] == 0
+
+
+def test_step_tracer_summarises_its_window_and_never_raises(tmp_path, caplog):
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda v: jnp.tanh(v @ v.T).sum(axis=0))
+    x = jnp.ones((64, 64))
+    hlo = lambda: f.lower(x).compile().as_text()
+    tracer = ts.StepTracer(str(tmp_path / "ok"), start=1, steps=2)
+    for step in range(4):
+        tracer.before(step, x)
+        y = f(x)
+        tracer.after(step, y, hlo)
+        assert tracer.active == (step == 1)
+    s = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert s["steps"] == 2 and s["by_kind"]["matmul"] > 0 and s["unmatched_op_s_per_step"] == 0
+
+    def broken():
+        raise RuntimeError("no HLO here")
+
+    tracer = ts.StepTracer(str(tmp_path / "bad"), start=0, steps=1)
+    tracer.before(0, x)
+    assert tracer.after(0, f(x), broken) is None  # a warning, not an error
+    assert not tracer.active and "no HLO here" in caplog.text
+    assert not (tmp_path / "bad" / "summary.json").exists()
