@@ -62,8 +62,8 @@ def base() -> ml_collections.ConfigDict:
     c.eval.mode = "exact"  # or "fast" (precomputed features of augmented views)
 
     # Trace `steps` steps from step `start` (-1: never) into workdir/profile and write where the
-    # device time went to workdir/profile/summary.json (lgm_jax/profiling.py); pick a start away
-    # from a pyramid growth (every pyramid.grow_every steps), whose step compiles anew.
+    # device time went to workdir/profile/summary.json (lgm_jax/profiling.py); pick a window
+    # without a pyramid growth (its step compiles anew) or a checkpoint, log or image step.
     c.profile = ml_collections.ConfigDict()
     c.profile.start = -1
     c.profile.steps = 3
