@@ -105,6 +105,9 @@ row() {  # name, time limit (s), flags... ("profile" as the first flag: trace 2 
   pack
   if [ "$rc" = 0 ]; then return; fi
   echo "!! $name failed (rc $rc): $(tail -n 1 "$out/$name.err")"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then  # the time limit; timings written before a
+    return                                      # profile that ran out of time are kept
+  fi
   # A failure of cuDNN's fused attention (not out of memory, not the time limit): the same row
   # with XLA's attention, so that the setting still gets a figure.
   if [[ " $* " == *" cudnn "* ]] && grep -qiE "cudnn|fmha|dot_product_attention" "$out/$name.err" \
