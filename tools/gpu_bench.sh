@@ -159,4 +159,4 @@ for path in paths:
           f"{(r['peak_mem_bytes'] or 0) / 2**30:7.2f} {r['compile_s']:7.1f}s")
 EOF
 pack
-echo "results in $dest: gpu_bench.tgz ($(du -h "$dest/gpu_bench.tgz" | cut -f1)), $(ls "$dest" | grep -c '^trace_') traces"
+echo "results in $dest: gpu_bench.tgz ($(du -h "$dest/gpu_bench.tgz" | cut -f1)), $(ls "$dest" | grep -c '^trace_') traces; everything, every trace too, in $out"
