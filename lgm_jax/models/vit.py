@@ -49,6 +49,11 @@ def _recomputed(fn):
     return jax.checkpoint(fn)
 
 
+def _swiglu(gate, h):
+    """SwiGLU of separate or packed gate and value projections alike, recomputed."""
+    return _recomputed(lambda g, h: jax.nn.silu(g) * h)(gate, h)
+
+
 # Residual names tagged in the blocks (see ViTConfig.remat_policy).
 REMAT_POLICIES = {
     "block": None,
@@ -206,11 +211,10 @@ class Mlp(nn.Module):
         elif cfg.mlp == "quick_gelu":
             h = _recomputed(lambda h: h * jax.nn.sigmoid(1.702 * h))(hidden(cfg.mlp_dim, "fc1"))
         elif cfg.mlp == "swiglu":
-            swiglu = _recomputed(lambda g, h: jax.nn.silu(g) * h)
-            h = swiglu(hidden(cfg.mlp_dim, "fc1_g"), hidden(cfg.mlp_dim, "fc1_x"))
+            h = _swiglu(hidden(cfg.mlp_dim, "fc1_g"), hidden(cfg.mlp_dim, "fc1_x"))
         elif cfg.mlp == "swiglu_packed":
             gate, h = jnp.split(hidden(2 * cfg.mlp_dim, "fc1"), 2, axis=-1)
-            h = _recomputed(lambda g, h: jax.nn.silu(g) * h)(gate, h)
+            h = _swiglu(gate, h)
         else:
             raise ValueError(f"unknown mlp type {cfg.mlp!r}")
         if cfg.mlp_norm:
