@@ -291,7 +291,7 @@ def summarize(
         by_phase[ph] += us
         rows.append((us, n, name, kind, ph, i["op_name"] if i else ""))
     rows.sort(reverse=True)
-    total = sum(by_kind.values())
+    total, busy = sum(by_kind.values()), busy_us(ops)
     s = lambda us: us / 1e6 / steps
     out = {
         "trace": path,
@@ -299,9 +299,9 @@ def summarize(
         "steps": steps,
         "events": len(ops),
         "op_s_per_step": s(total),
-        "busy_s_per_step": s(busy_us(ops)),
+        "busy_s_per_step": s(busy),
         "wall_s_per_step": None if wall_s is None else wall_s / steps,
-        "busy_fraction": None if not wall_s else busy_us(ops) / 1e6 / wall_s,
+        "busy_fraction": None if not wall_s else busy / 1e6 / wall_s,
         "unmatched_op_s_per_step": s(unknown),
         "by_kind": {k: s(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "by_phase": {k: s(v) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
@@ -315,7 +315,7 @@ def summarize(
                 "op_name": op_name,
             }
             for us, n, name, kind, ph, op_name in rows[:top]
-        ],  # fmt: skip
+        ],
     }
     return out
 
@@ -365,6 +365,7 @@ class StepTracer:
         self.folder, self.start, self.steps = folder, start, steps
         self.active = False
         self.summary: dict | None = None
+        self.error: str | None = None  # why there is no summary, when there is none
 
     def before(self, step: int, state) -> None:
         if step != self.start or self.steps <= 0:
@@ -376,7 +377,8 @@ class StepTracer:
             os.makedirs(self.folder, exist_ok=True)
             jax.profiler.start_trace(self.folder, create_perfetto_trace=True)
         except Exception as e:  # noqa: BLE001 - a profiler problem must not stop the run
-            log.warning("no profile: the trace did not start (%s: %s)", type(e).__name__, e)
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("no profile: the trace did not start (%s)", self.error)
             return
         self.active, self.t0 = True, time.perf_counter()
 
@@ -398,7 +400,8 @@ class StepTracer:
             with open(os.path.join(self.folder, "summary.json"), "w") as f:
                 json.dump(self.summary, f, indent=2)
         except Exception as e:  # noqa: BLE001 - a profiler problem must not stop the run
-            log.warning("no profile summary (%s: %s)", type(e).__name__, e)
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("no profile summary (%s)", self.error)
             return None
         return self.summary
 

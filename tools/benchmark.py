@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gzip
 import importlib.util
 import json
 import os
@@ -473,29 +472,18 @@ def write_json(path: str, result) -> None:
 
 
 def profile(compiled, state, rest, args) -> dict:
-    """Trace `--profile-steps` more steps into `--profile` (with the step's optimised HLO beside
-    the trace) and summarise where the device time went (`profiling.summarize`). A failure
-    to trace is reported in the result, not raised: the timings above stand without it."""
-    import jax
-
+    """Trace `--profile-steps` more steps into `--profile` (`profiling.StepTracer`: the trace,
+    the step's optimised HLO and the summary of where the device time went). A failure to trace
+    is reported in the result, not raised: the timings above stand without it."""
     from lgm_jax import profiling
 
-    os.makedirs(args.profile, exist_ok=True)
-    hlo = compiled.as_text()
-    with gzip.open(os.path.join(args.profile, "step.hlo.txt.gz"), "wt") as f:
-        f.write(hlo)
-    wall = 0.0
-    try:
-        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-            for _ in range(args.profile_steps):
-                t0 = time.perf_counter()
-                state, metrics = compiled(state, *rest)
-                jax.block_until_ready((state, metrics))
-                wall += time.perf_counter() - t0
-        return profiling.summarize(args.profile, hlo, args.profile_steps, wall)
-    except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timings
-        print(f"warning: no profile: {type(e).__name__}: {e}", file=sys.stderr)
-        return {"error": f"{type(e).__name__}: {e}"}
+    tracer = profiling.StepTracer(args.profile, start=0, steps=args.profile_steps)
+    for i in range(args.profile_steps):
+        tracer.before(i, state)
+        state, metrics = compiled(state, *rest)
+        tracer.after(i, (state, metrics), compiled.as_text)
+    tracer.close()
+    return tracer.summary or {"error": tracer.error or "nothing traced"}
 
 
 def gib(x) -> str:
