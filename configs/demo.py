@@ -22,7 +22,7 @@ def get_config():
     c.num_classes = 10
     c.backbone = "dinov2_tiny"
     c.weights = assets.path("demo_vit")
-    c.image_res = 28
+    c.input_res = 28
     c.dtype = "float32"
     c.syn_res = 32
     c.steps = 2000

@@ -6,7 +6,7 @@ golden step) or draws replayed from `fold_in(rng, step)` therefore give the same
 
 Pipeline, on images in [0, 1] before normalisation:
   1. horizontal flip where flip_u < flip_p;
-  2. random resized crop to `out_res` by affine bilinear sampling with zero padding: scale
+  2. random resized crop to `input_res` by affine bilinear sampling with zero padding: scale
      s = lo + (hi - lo) u0, ratio r = exp(log r_lo + u1 (log r_hi - log r_lo)), crop width and
      height sw = sqrt(s r), sh = sqrt(s / r) as fractions of the side (not clipped, so a crop may
      reach past the border, where it reads zeros), top-left x1 = u2 (1 - sw), y1 = u3 (1 - sh);
@@ -31,11 +31,11 @@ from lgm_jax import resample
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """What the augmentation does. `mode`: "train" (flip, crop, noise), "eval" (flip and crop,
-    no noise; the probe-training augmentation), or "off" (a centre crop to out_res, the view a
+    no noise; the probe-training augmentation), or "off" (a centre crop to input_res, the view a
     test image gets)."""
 
     mode: str = "train"
-    out_res: int = 224
+    input_res: int = 224
     flip_p: float = 0.5
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -52,7 +52,7 @@ class AugmentConfig:
 
 def sample(rng: jax.Array, n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
     """Random draws for n images: flip_u [n], crop_u [n, 4], noise_apply_u [n],
-    noise_z [n, out_res, out_res, 3] (the last two only in "train" mode)."""
+    noise_z [n, input_res, input_res, 3] (the last two only in "train" mode)."""
     k_flip, k_crop, k_apply, k_z = jax.random.split(rng, 4)
     params = {
         "flip_u": jax.random.uniform(k_flip, (n,)),
@@ -60,7 +60,7 @@ def sample(rng: jax.Array, n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
     }
     if cfg.mode == "train":
         params["noise_apply_u"] = jax.random.uniform(k_apply, (n,))
-        params["noise_z"] = jax.random.normal(k_z, (n, cfg.out_res, cfg.out_res, 3))
+        params["noise_z"] = jax.random.normal(k_z, (n, cfg.input_res, cfg.input_res, 3))
     return params
 
 
@@ -75,7 +75,7 @@ def sample_rows(rng: jax.Array, rows: jax.Array, cfg: AugmentConfig) -> dict[str
 
 
 def identity_params(n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
-    """Draws for which `apply` is the identity when in_res == out_res: no flip, a full-size
+    """Draws for which `apply` is the identity when in_res == input_res: no flip, a full-size
     centred crop (s = 1, r = 1), no noise."""
     ratio_u = -np.log(cfg.crop_ratio[0]) / (np.log(cfg.crop_ratio[1]) - np.log(cfg.crop_ratio[0]))
     scale_u = (1.0 - cfg.crop_scale[0]) / (cfg.crop_scale[1] - cfg.crop_scale[0])
@@ -83,12 +83,12 @@ def identity_params(n: int, cfg: AugmentConfig) -> dict[str, jax.Array]:
     params = {"flip_u": jnp.ones((n,)), "crop_u": crop_u}
     if cfg.mode == "train":
         params["noise_apply_u"] = jnp.ones((n,))
-        params["noise_z"] = jnp.zeros((n, cfg.out_res, cfg.out_res, 3))
+        params["noise_z"] = jnp.zeros((n, cfg.input_res, cfg.input_res, 3))
     return params
 
 
 def crop_matrices(crop_u: jax.Array, in_res: int, cfg: AugmentConfig):
-    """Row and column sampling matrices [n, out_res, in_res] of the random resized crop."""
+    """Row and column sampling matrices [n, input_res, in_res] of the random resized crop."""
     u0, u1, u2, u3 = (crop_u[:, i] for i in range(4))
     lo, hi = cfg.crop_scale
     log_r0, log_r1 = np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1])
@@ -98,7 +98,7 @@ def crop_matrices(crop_u: jax.Array, in_res: int, cfg: AugmentConfig):
     x1, y1 = u2 * (1.0 - sw), u3 * (1.0 - sh)
     # Affine grid in normalised [-1, 1] coordinates (align_corners=False), then to input pixels.
     ox, oy = 2.0 * (x1 + sw / 2.0 - 0.5), 2.0 * (y1 + sh / 2.0 - 0.5)
-    base = (2.0 * jnp.arange(cfg.out_res, dtype=jnp.float32) + 1.0) / cfg.out_res - 1.0
+    base = (2.0 * jnp.arange(cfg.input_res, dtype=jnp.float32) + 1.0) / cfg.input_res - 1.0
     xn = sw[:, None] * base + ox[:, None]
     yn = sh[:, None] * base + oy[:, None]
     to_pixel = lambda t: ((t + 1.0) * in_res - 1.0) / 2.0
@@ -109,14 +109,14 @@ def crop_matrices(crop_u: jax.Array, in_res: int, cfg: AugmentConfig):
 
 
 def apply(images: jax.Array, params: dict[str, jax.Array], cfg: AugmentConfig) -> jax.Array:
-    """Augment images [n, H, H, 3] in [0, 1] -> [n, out_res, out_res, 3] (float32)."""
+    """Augment images [n, H, H, 3] in [0, 1] -> [n, input_res, input_res, 3] (float32)."""
     check_images(images)
     in_res = images.shape[1]
     if cfg.mode == "off":  # the test-time view: centre crop
-        if in_res < cfg.out_res:
-            raise ValueError(f"cannot centre-crop {in_res} px images to {cfg.out_res} px")
-        o = (in_res - cfg.out_res) // 2
-        return images[:, o : o + cfg.out_res, o : o + cfg.out_res]
+        if in_res < cfg.input_res:
+            raise ValueError(f"cannot centre-crop {in_res} px images to {cfg.input_res} px")
+        o = (in_res - cfg.input_res) // 2
+        return images[:, o : o + cfg.input_res, o : o + cfg.input_res]
     a_rows, a_cols = crop_matrices(jax.lax.stop_gradient(params["crop_u"]), in_res, cfg)
     flip = params["flip_u"] < cfg.flip_p
     a_cols = jnp.where(flip[:, None, None], a_cols[:, :, ::-1], a_cols)

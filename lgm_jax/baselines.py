@@ -86,7 +86,7 @@ def neighbor_indices(query_feats, query_labels, feats, labels) -> np.ndarray:
 
 
 def _embed(params, images, *, features, cfg):
-    x = probe.centre_crop(lgm.to_unit(images), cfg.augment.out_res)
+    x = probe.centre_crop(lgm.to_unit(images), cfg.augment.input_res)
     return features(params, lgm.normalize(x, cfg)).astype(jnp.float32)
 
 

@@ -1,8 +1,19 @@
-"""Defaults shared by every experiment config (configs/*.py start from `base()`)."""
+"""Every setting of a distillation run, with its default and meaning, and the one translation of
+a config into the static settings the code takes (backbone, augmentation, step).
+
+configs/*.py start from `base()`; `smoke(c)` shrinks any of them to a few CPU steps. The run, the
+benchmark, the feature cache and the golden check all read a config through `augment_config`,
+`step_config` and `build_backbone` below, so a key means the same thing everywhere.
+
+Two resolutions, each with one name: `syn_res` is the side of the synthetic images (and of the
+real images they are matched against, before augmentation); `input_res` is the side of the
+backbone's input (what augmentation crops to).
+"""
 
 import ml_collections
 
-from lgm_jax import lgm
+from lgm_jax import augment, lgm
+from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def base() -> ml_collections.ConfigDict:
@@ -12,18 +23,18 @@ def base() -> ml_collections.ConfigDict:
     c.num_classes = 0  # if > 0, the dataset must have exactly this many classes
     c.backbone = "dinov2_vitb"
     c.weights = ""  # directory of converted Flax weights (tools/convert_weights.py); "" = random
-    c.image_res = 224  # backbone input resolution
+    c.input_res = 224  # side of the backbone's input images
     c.dtype = "bfloat16"  # backbone compute: "float32" or "bfloat16"
     c.remat = False  # rematerialise backbone blocks in the backward pass
     c.remat_policy = "block"  # "block" (keep block inputs) or "matmuls" (also q/k/v, MLP hidden)
     # Attention kernel: "xla" (anywhere) or "cudnn" (fused; NVIDIA GPUs, bfloat16 only).
     c.attention = "xla"
-    c.mean = lgm.IMAGENET_MEAN
-    c.std = lgm.IMAGENET_STD
+    c.mean = IMAGENET_MEAN
+    c.std = IMAGENET_STD
 
     c.ipc = 1  # synthetic images per class
     c.aug_rounds = 10  # K: augmented copies of each synthetic image per step
-    c.syn_res = 256
+    c.syn_res = 256  # side of the synthetic images
     c.decorrelate_colors = True
     c.pyramid = ml_collections.ConfigDict()
     c.pyramid.pixels = False  # True: plain pixels at syn_res (the "no pyramid" ablation)
@@ -83,7 +94,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a config to a few CPU steps with a tiny random backbone (same data, same code)."""
     c.backbone = "dinov2_tiny"
     c.weights = ""
-    c.image_res = 28
+    c.input_res = 28
     c.dtype = "float32"
     c.syn_res = 32
     c.aug_rounds = 1
@@ -93,3 +104,56 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.image_every = 0
     c.checkpoint_every = 0
     return c
+
+
+def augment_config(config) -> augment.AugmentConfig:
+    """The step's augmentation (config.augment, cropping to config.input_res)."""
+    a = config.augment
+    return augment.AugmentConfig(
+        mode=a.mode,
+        input_res=config.input_res,
+        flip_p=a.flip_p,
+        crop_scale=tuple(a.crop_scale),
+        crop_ratio=tuple(a.crop_ratio),
+        noise_p=a.noise_p,
+        noise_std=a.noise_std,
+        noise_mean=a.noise_mean,
+    )
+
+
+def step_config(config, num_classes: int) -> lgm.StepConfig:
+    """The static settings of one distillation step for a dataset of `num_classes` classes."""
+    return lgm.StepConfig(
+        num_classes=num_classes,
+        ipc=config.ipc,
+        aug_rounds=config.aug_rounds,
+        syn_res=config.syn_res,
+        decorrelate_colors=config.decorrelate_colors,
+        augment=augment_config(config),
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        chunk_size=config.chunk_size or None,
+        real_input=config.real_input,
+        state_sharding=config.state_sharding,
+    )
+
+
+def backbone_overrides(config) -> dict:
+    """The ViTConfig fields a run sets on its backbone (input side and compute options)."""
+    if config.attention not in ("xla", "cudnn"):
+        raise ValueError(f"attention must be 'xla' or 'cudnn', got {config.attention!r}")
+    return dict(
+        input_res=config.input_res,
+        dtype=config.dtype,
+        remat=config.remat,
+        remat_policy=config.remat_policy,
+        attention=config.attention,
+    )
+
+
+def build_backbone(config):
+    """(Backbone, params) of config.backbone: converted weights from config.weights, random
+    weights when it is empty."""
+    from lgm_jax.models import registry
+
+    return registry.build(config.backbone, config.weights or None, **backbone_overrides(config))

@@ -37,7 +37,7 @@ log = logging.getLogger("lgm_jax")
 
 # Settings that define what a checkpoint is of: a workdir holding a checkpoint that differs in
 # any of these belongs to another run and is refused.
-IDENTITY_KEYS = ("dataset", "backbone", "ipc", "syn_res", "image_res", "pyramid.pixels")
+IDENTITY_KEYS = ("dataset", "backbone", "ipc", "syn_res", "input_res", "pyramid.pixels")
 
 
 class RunMismatch(ValueError):
@@ -58,7 +58,7 @@ def step_config(config, num_classes: int) -> lgm.StepConfig:
     a = config.augment
     aug = augment.AugmentConfig(
         mode=a.mode,
-        out_res=config.image_res,
+        input_res=config.input_res,
         flip_p=a.flip_p,
         crop_scale=tuple(a.crop_scale),
         crop_ratio=tuple(a.crop_ratio),
@@ -270,7 +270,7 @@ def build_backbone(config):
     if config.attention not in ("xla", "cudnn"):
         raise ValueError(f"attention must be 'xla' or 'cudnn', got {config.attention!r}")
     overrides = dict(
-        image_size=config.image_res,
+        input_res=config.input_res,
         dtype=config.dtype,
         remat=config.remat,
         remat_policy=config.remat_policy,
@@ -528,7 +528,7 @@ def evaluate_run(config, workdir: str) -> dict:
         seeds=config.eval.seeds,
         epochs=config.eval.epochs,
         mode=config.eval.mode,
-        image_res=config.syn_res,
+        input_res=config.syn_res,
         data_dir=config.data_dir or None,
     )
     log.info("evaluation: %s", evaluate.format_row(result))

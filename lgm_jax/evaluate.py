@@ -216,8 +216,8 @@ def build_backbone(name: str, weights: str | None = None):
     from lgm_jax.models import registry
 
     backbone, params = registry.build(name, weights_dir=weights)
-    res = getattr(backbone, "image_size", None) or getattr(
-        getattr(backbone, "cfg", None), "image_size", 224
+    res = getattr(backbone, "input_res", None) or getattr(
+        getattr(backbone, "cfg", None), "input_res", 224
     )
     mean = tuple(getattr(backbone, "mean", probe.lgm.IMAGENET_MEAN))
     std = tuple(getattr(backbone, "std", probe.lgm.IMAGENET_STD))
@@ -246,7 +246,7 @@ def probe_config(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        augment=augment.AugmentConfig(mode="eval", out_res=res),
+        augment=augment.AugmentConfig(mode="eval", input_res=res),
         mean=mean,
         std=std,
         views=views if mode == "fast" else 0,

@@ -13,7 +13,7 @@ The probe gradient of the mean cross-entropy has a closed form: with P = softmax
 Y one-hot and E = (P - Y)/N, dW = E^T z and db = sum_i E_i. Writing it out (instead of nesting
 `jax.grad`) makes the meta-gradient plain first-order autodiff through softmax and the backbone.
 Because g is a sum over examples, a batch split over devices gives partial gradients that add up
-(the distributed step in `distill.py` relies on this).
+(the sharded step, `make_step` with a mesh, relies on this).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from lgm_jax import augment, pyramid
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 
 STATE_SHARDINGS = ("replicated", "class")
 
@@ -156,24 +154,11 @@ def match_loss(g_real, g_syn) -> jax.Array:
     return 1.0 - dot / norms
 
 
-def normalize(x, cfg: StepConfig):
-    mean = jnp.asarray(cfg.mean, x.dtype)
-    std = jnp.asarray(cfg.std, x.dtype)
-    return (x - mean) / std
-
-
-def to_unit(images) -> jax.Array:
-    """uint8 [0, 255] or float [0, 1] images -> float32 [0, 1]."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
-
-
 def real_features(features: FeatureFn, params, images, aug_params, cfg: StepConfig):
     """Features of augmented real images [R, F]; constants for the meta-gradient."""
     with jax.named_scope("augment"):
         x = augment.apply(to_unit(images), aug_params, cfg.augment)
-    return jax.lax.stop_gradient(features(params, normalize(x, cfg)))
+    return jax.lax.stop_gradient(features(params, normalize(x, cfg.mean, cfg.std)))
 
 
 def syn_batch(levels, cfg: StepConfig):
@@ -187,7 +172,7 @@ def syn_features(features: FeatureFn, params, levels, aug_params, cfg: StepConfi
     """Features of the K augmented copies of the synthetic images [K*N, F] and their labels."""
     images, labels = syn_batch(levels, cfg)
     x = augment.apply(images, aug_params, cfg.augment)
-    return features(params, normalize(x, cfg)), labels
+    return features(params, normalize(x, cfg.mean, cfg.std)), labels
 
 
 def meta_loss(levels, params, probe, g_real, aug_params, features: FeatureFn, cfg: StepConfig):
@@ -328,7 +313,7 @@ def meta_grad(
             imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
         with jax.named_scope("augment"):
             x = augment.apply(imgs, augment.sample_rows(k_syn, r, cfg.augment), cfg.augment)
-        return features(params, normalize(x, cfg))
+        return features(params, normalize(x, cfg.mean, cfg.std))
 
     index = lambda r: r % cfg.num_syn - first  # row -> image within the held levels
     gather = lambda lv, r: tuple(level[index(r)] for level in lv)

@@ -39,7 +39,8 @@ import numpy as np
 import optax
 
 from lgm_jax import augment, lgm
-from lgm_jax.data.pipeline import prefetch_map
+from lgm_jax.prefetch import prefetch_map
+from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, centre_crop, normalize, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class ProbeConfig:
     lr: float | None = None  # None: 1e-3 * batch / 256 (the paper's rule)
     probe_std: float = 0.01
     augment: augment.AugmentConfig = augment.AugmentConfig(mode="eval")
-    mean: Sequence[float] = lgm.IMAGENET_MEAN
-    std: Sequence[float] = lgm.IMAGENET_STD
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
     views: int = 0  # 0: exact mode; V > 0: fast mode with V precomputed views per image
 
     def __post_init__(self):
@@ -168,9 +169,9 @@ def fit(batch_feats, labels, keys, n: int, feat_dim: int, cfg: ProbeConfig):
 
 def augmented_features(features: FeatureFn, params, images, key, cfg: ProbeConfig):
     """Features [B, F] of one fresh flip + random-resized-crop view of each image [B, H, H, 3]."""
-    x = lgm.to_unit(images)
+    x = to_unit(images)
     x = augment.apply(x, augment.sample(key, x.shape[0], cfg.augment), cfg.augment)
-    return features(params, lgm.normalize(x, cfg)).astype(jnp.float32)
+    return features(params, normalize(x, cfg.mean, cfg.std)).astype(jnp.float32)
 
 
 def _train_exact(params, images, labels, seeds, rng, *, features, feat_dim, cfg):
@@ -458,17 +459,8 @@ def array_batches(images, labels, batch_size: int) -> Iterator[dict]:
         yield {"image": img, "label": lab, "mask": mask}
 
 
-def centre_crop(images, res: int):
-    """Centre crop [B, H, H, 3] to [B, res, res, 3] (identity when H == res)."""
-    h = images.shape[1]
-    if h < res:
-        raise ValueError(f"test images are {h} px, smaller than the backbone's {res} px")
-    o = (h - res) // 2
-    return images[:, o : o + res, o : o + res]
-
-
 def _test_counts(params, probes, images, labels, mask, *, features, cfg):
-    x = lgm.normalize(centre_crop(lgm.to_unit(images), cfg.augment.out_res), cfg)
+    x = normalize(centre_crop(to_unit(images), cfg.augment.input_res), cfg.mean, cfg.std)
     z = features(params, x).astype(jnp.float32)  # [B, F]
     w, b = probes  # [S, C, F], [S, C]
     logits = jnp.einsum("bf,scf->sbc", z, w, precision="highest") + b[:, None]

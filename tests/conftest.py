@@ -35,7 +35,7 @@ def tiny_vit():
     from lgm_jax.models import dinov2, vit
 
     cfg = dinov2.variant("S/14").replace(
-        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, image_size=28, layer_scale=False
+        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, input_res=28, layer_scale=False
     )
     model = vit.ViT(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]

@@ -30,7 +30,7 @@ def build(state_sharding: str = "replicated"):
     from lgm_jax.models import dinov2, vit
 
     vcfg = dinov2.variant("S/14").replace(
-        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, image_size=28, layer_scale=False
+        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, input_res=28, layer_scale=False
     )
     model = vit.ViT(vcfg)
     features = lambda p, x: model.apply({"params": p}, x)
@@ -42,7 +42,7 @@ def build(state_sharding: str = "replicated"):
         syn_res=32,
         probe_std=1.0,
         chunk_size=1,
-        augment=augment.AugmentConfig(out_res=28),
+        augment=augment.AugmentConfig(input_res=28),
     )
     return model, features, cfg, lgm.optimizer()
 

@@ -13,13 +13,13 @@ def _images(n=3, res=32, seed=0):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_identity_parameters_return_the_input(mode):
-    cfg = augment.AugmentConfig(mode=mode, out_res=32)
+    cfg = augment.AugmentConfig(mode=mode, input_res=32)
     x = _images()
     np.testing.assert_allclose(augment.apply(x, augment.identity_params(3, cfg), cfg), x, atol=1e-6)
 
 
 def test_crop_matches_torch_affine_grid_sample():
-    cfg = augment.AugmentConfig(mode="eval", out_res=24)
+    cfg = augment.AugmentConfig(mode="eval", input_res=24)
     x = _images(4, 32, seed=1)
     params = augment.sample(jax.random.key(0), 4, cfg)
     params["flip_u"] = jnp.ones(4)  # no flip: compare the crop alone
@@ -43,7 +43,7 @@ def test_crop_matches_torch_affine_grid_sample():
 
 
 def test_flip_and_noise_follow_their_draws():
-    cfg = augment.AugmentConfig(mode="train", out_res=32, noise_mean=0.5)
+    cfg = augment.AugmentConfig(mode="train", input_res=32, noise_mean=0.5)
     x = _images(2)
     params = augment.identity_params(2, cfg)
     params["flip_u"] = jnp.array([0.1, 0.9])
@@ -59,13 +59,13 @@ def test_sample_shapes_and_off_mode():
     p = augment.sample(jax.random.key(0), 5, cfg)
     assert p["crop_u"].shape == (5, 4) and p["noise_z"].shape == (5, 224, 224, 3)
     assert "noise_z" not in augment.sample(jax.random.key(0), 5, augment.AugmentConfig(mode="eval"))
-    off = augment.AugmentConfig(mode="off", out_res=24)
+    off = augment.AugmentConfig(mode="off", input_res=24)
     x = _images(2, 32)
     np.testing.assert_array_equal(augment.apply(x, {}, off), x[:, 4:28, 4:28])
 
 
 def test_gradient_flows_through_the_crop():
-    cfg = augment.AugmentConfig(mode="train", out_res=16)
+    cfg = augment.AugmentConfig(mode="train", input_res=16)
     params = augment.sample(jax.random.key(0), 2, cfg)
     g = jax.grad(lambda x: augment.apply(x, params, cfg).sum())(_images(2, 32))
     assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).sum()) > 0
@@ -81,7 +81,7 @@ def test_gradient_flows_through_the_crop():
     ],
 )
 def test_bad_images_get_a_clear_error(images, match):
-    cfg = augment.AugmentConfig(out_res=16)
+    cfg = augment.AugmentConfig(input_res=16)
     with pytest.raises(ValueError, match=match):
         augment.apply(jnp.asarray(images), augment.sample(jax.random.key(0), 2, cfg), cfg)
 

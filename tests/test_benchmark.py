@@ -23,7 +23,7 @@ def test_vit_b14_forward_flops_match_spec():
 def test_vit_flops_by_hand():
     # width 4, depth 1, mlp 8, patch 2 at 4 px: 4 patches + CLS = 5 tokens.
     cfg = benchmark.vit_config("tiny", 28, "float32", False).replace(
-        width=4, depth=1, mlp_dim=8, patch_size=2, image_size=4
+        width=4, depth=1, mlp_dim=8, patch_size=2, input_res=4
     )
     patch = 4 * (2 * 2 * 3) * 4
     block = 3 * 5 * 4 * 4 + 5 * 5 * 4 + 5 * 5 * 4 + 5 * 4 * 4 + 2 * 5 * 4 * 8
@@ -39,7 +39,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--backbone", "tiny"]
     cmd += ["--classes", "2", "--aug-rounds", "2", "--chunk", "2", "--dtype", "float32"]
-    cmd += ["--steps", "3", "--warmup", "1", "--syn-res", "32", "--image-res", "28"]
+    cmd += ["--steps", "3", "--warmup", "1", "--syn-res", "32", "--input-res", "28"]
     cmd += ["--json", str(out), "--profile", str(tmp_path / "trace")]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -130,7 +130,7 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
     # how the FLOP count's passes show in it), one backward per layer (the backward to the
     # synthetic images), no host round trip, and the state's buffers are donated.
     argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
-    argv += ["--image-res", "28", "--dtype", "bfloat16", "--attention", "cudnn"]
+    argv += ["--input-res", "28", "--dtype", "bfloat16", "--attention", "cudnn"]
     r = benchmark.lower(benchmark.parse(argv + flags + ["--lower", "cuda"]))
     depth = 2
     assert r["custom_calls"] == {
@@ -156,7 +156,7 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
 def test_xla_step_lowers_for_tpu_without_custom_calls(mesh):
     # With --mesh, over the 8 test devices: donation is then marked per argument for XLA to pair.
     argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
-    argv += ["--image-res", "28", "--chunk", "2", "--lower", "tpu", "--json", os.devnull]
+    argv += ["--input-res", "28", "--chunk", "2", "--lower", "tpu", "--json", os.devnull]
     r = benchmark.main(argv + ["--mesh"] * mesh)
     assert r["lowered_for"] == "tpu" and r["custom_calls"] == {} and r["host_calls"] == []
     assert r["donated_inputs"] == 21  # the whole state: 6 levels, 12 moments, 3 scalars/keys

@@ -101,7 +101,7 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "verify at 28 px" in text and "verify at 42 px" in text
     backbone, params = registry.build("dinov2_vitb", weights_dir=str(out))
-    assert backbone.family == "dinov2" and backbone.config.image_size == 28
+    assert backbone.family == "dinov2" and backbone.config.input_res == 28
     x = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         ref = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output

@@ -12,6 +12,7 @@ from PIL import Image
 
 from lgm_jax import data
 from lgm_jax.data import pipeline, sources
+from lgm_jax.preprocess import centre_crop
 
 SIZES = [(40, 30), (25, 50), (33, 33), (60, 20)]  # (width, height): non-square on purpose
 
@@ -155,7 +156,7 @@ def test_eval_iterator_pads_and_masks(folder):
     last = batches[-1]
     assert last["image"].shape == (4, 12, 12, 3) and not last["mask"][-1]
     assert np.all(last["image"][~last["mask"]] == 0)
-    want = data.center_crop(data.resize_shorter(src[0]["image"], 16), 12)
+    want = centre_crop(data.resize_shorter(src[0]["image"], 16), 12)
     np.testing.assert_array_equal(batches[0]["image"][0], want)
     # Two processes: the same number of batches each, and every image once.
     per = [

@@ -16,7 +16,7 @@ from lgm_jax.models import dinov2, vit, weights
 def test_features_match_transformers(golden_dir, res):
     path = golden_dir / "backbone"
     ref = transformers.Dinov2Model.from_pretrained(path).eval()
-    cfg, params = dinov2.load(str(path), image_size=res)
+    cfg, params = dinov2.load(str(path), input_res=res)
     x = np.random.default_rng(res).normal(size=(2, res, res, 3)).astype(np.float32)
     with torch.no_grad():
         want = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).pooler_output

@@ -23,7 +23,7 @@ SRC = 32  # tiny "distilled" image side
 
 # layer_scale off: with DINOv2's 1e-5 layer scale a random net's CLS token ignores the image.
 VIT_CFG = dinov2.variant("S/14").replace(
-    width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, image_size=RES, layer_scale=False
+    width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, input_res=RES, layer_scale=False
 )
 MODEL = ViT(VIT_CFG)
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3)))["params"]
@@ -35,7 +35,7 @@ def features(params, x):
 
 def tiny_cfg(num_classes, **kw):
     return probe.ProbeConfig(
-        num_classes=num_classes, augment=augment.AugmentConfig(mode="eval", out_res=RES), **kw
+        num_classes=num_classes, augment=augment.AugmentConfig(mode="eval", input_res=RES), **kw
     )
 
 
@@ -233,7 +233,7 @@ def fake_registries(monkeypatch):
     )
     registry = types.ModuleType("lgm_jax.models.registry")
     backbone = types.SimpleNamespace(
-        feature_dim=32, image_size=RES, mean=lgm.IMAGENET_MEAN, std=lgm.IMAGENET_STD
+        feature_dim=32, input_res=RES, mean=lgm.IMAGENET_MEAN, std=lgm.IMAGENET_STD
     )
     registry.build = lambda name, weights_dir=None, **kw: (backbone, PARAMS)
     registry.features_fn = lambda b: features

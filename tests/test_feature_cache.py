@@ -12,8 +12,8 @@ from lgm_jax.data import feature_cache as fc
 from lgm_jax.data import pipeline, sources
 from lgm_jax.models import dinov2, vit
 
-RES, OUT_RES, VIEWS, SHARD = 32, 28, 3, 8
-AUG = augment.AugmentConfig(mode="train", out_res=OUT_RES)
+RES, INPUT_RES, VIEWS, SHARD = 32, 28, 3, 8
+AUG = augment.AugmentConfig(mode="train", input_res=INPUT_RES)
 
 
 def _toy(name="toy", n=20, classes=4):
@@ -32,10 +32,10 @@ def _toy(name="toy", n=20, classes=4):
 
 def _backbone(seed=0):
     cfg = dinov2.variant("S/14").replace(
-        width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, image_size=OUT_RES
+        width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, input_res=INPUT_RES
     )
     model = vit.ViT(cfg)
-    params = model.init(jax.random.key(seed), np.zeros((1, OUT_RES, OUT_RES, 3), np.float32))
+    params = model.init(jax.random.key(seed), np.zeros((1, INPUT_RES, INPUT_RES, 3), np.float32))
     return (lambda p, x: model.apply({"params": p}, x)), params["params"]
 
 
@@ -148,12 +148,12 @@ def test_build_resumes_and_skips_finished_shards(tmp_path):
 def test_command_line(tmp_path, monkeypatch):
     features, params = _backbone()
     monkeypatch.setattr(
-        fc, "load_backbone", lambda spec, weights=None, image_size=224: (features, params, spec)
+        fc, "load_backbone", lambda spec, weights=None, input_res=224: (features, params, spec)
     )
     monkeypatch.setattr(sources, "get_dataset", lambda name, data_dir=None: _toy(name, n=10))
     out = str(tmp_path / "cli")
     argv = ["--dataset", "toy10", "--backbone", "b", "--views", "2", "--out", out]
-    fc.main([*argv, "--res", str(RES), "--out_res", str(OUT_RES), "--shard_size", "8"])
+    fc.main([*argv, "--res", str(RES), "--input_res", str(INPUT_RES), "--shard_size", "8"])
     cache = fc.FeatureCache.open(out, expect=dict(dataset="toy10", backbone="b", views=2))
     assert cache.load_all()[0].shape == (2, 10, 32)
 

@@ -12,7 +12,7 @@ from lgm_jax.models import vit
 
 def _step_cfg(**kw):
     base = dict(
-        num_classes=3, ipc=1, aug_rounds=2, syn_res=32, augment=augment.AugmentConfig(out_res=28)
+        num_classes=3, ipc=1, aug_rounds=2, syn_res=32, augment=augment.AugmentConfig(input_res=28)
     )
     base.update(kw)
     return lgm.StepConfig(**base)
@@ -132,7 +132,7 @@ def test_train_step_updates_and_skips_non_finite(tiny_vit):
 
 
 def test_row_draws_do_not_depend_on_how_the_batch_is_split():
-    cfg = augment.AugmentConfig(out_res=16)
+    cfg = augment.AugmentConfig(input_res=16)
     whole = augment.sample_rows(jax.random.key(5), jnp.arange(6), cfg)
     part = augment.sample_rows(jax.random.key(5), jnp.arange(3, 6), cfg)
     for k in whole:

@@ -117,7 +117,7 @@ def _tiny_state():
     )
     model = transformers.Dinov2Model(cfg)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return dinov2.config_from_hf(cfg.to_dict(), image_size=28), state
+    return dinov2.config_from_hf(cfg.to_dict(), input_res=28), state
 
 
 def test_checkpoint_mismatch_names_each_key():
@@ -152,7 +152,7 @@ def test_converted_dir_round_trip_and_mismatch(tmp_path):
 def test_token_padding_leaves_features_unchanged(name):
     """Padding the token count (as for cuDNN) and masking the padding keys changes nothing."""
     backbone, params = registry.build(name, depth=1)
-    s = backbone.image_size
+    s = backbone.input_res
     x = jax.random.normal(jax.random.key(1), (2, s, s, 3))
     plain = jax.jit(registry.features_fn(backbone))(params, x)
     padded = registry.Backbone(name, backbone.family, backbone.config.replace(token_multiple=8))
@@ -187,7 +187,7 @@ def test_meta_loss_gradient_through_each_family(name):
         num_classes=2,
         aug_rounds=1,
         syn_res=32,
-        augment=augment.AugmentConfig(out_res=backbone.image_size),
+        augment=augment.AugmentConfig(input_res=backbone.input_res),
     )
     levels = lgm.init_state(jax.random.key(0), cfg, lgm.optimizer(), start_res=(1, 2, 4)).levels
     real = jax.random.uniform(jax.random.key(2), (cfg.num_real, 32, 32, 3))
@@ -213,7 +213,7 @@ def test_lgm_step_runs_with_a_tiny_backbone():
         num_classes=2,
         aug_rounds=1,
         syn_res=32,
-        augment=augment.AugmentConfig(out_res=backbone.image_size),
+        augment=augment.AugmentConfig(input_res=backbone.input_res),
     )
     tx = lgm.optimizer()
     state = lgm.init_state(jax.random.key(0), cfg, tx, start_res=(1, 2, 4))
@@ -242,7 +242,7 @@ def test_recomputed_norms_and_activations_keep_values_and_save_memory(name, monk
     import benchmark
 
     backbone, params = registry.build(name, depth=2)
-    s = backbone.image_size
+    s = backbone.input_res
     x = jax.random.normal(jax.random.key(3), (2, s, s, 3))
 
     def run():

@@ -32,7 +32,7 @@ def randomize(model, seed: int = 0):
     return model.eval()
 
 
-def dinov2(image_size: int = 56, registers: bool = False):
+def dinov2(input_res: int = 56, registers: bool = False):
     import transformers
 
     kw = dict(
@@ -40,7 +40,7 @@ def dinov2(image_size: int = 56, registers: bool = False):
         intermediate_size=4 * W,
         num_hidden_layers=D,
         num_attention_heads=H,
-        image_size=image_size,
+        image_size=input_res,
         patch_size=14,
     )
     if registers:
@@ -50,7 +50,7 @@ def dinov2(image_size: int = 56, registers: bool = False):
     return "dinov2", randomize(transformers.Dinov2Model(transformers.Dinov2Config(**kw)))
 
 
-def clip(image_size: int = 28):
+def clip(input_res: int = 28):
     import transformers
 
     cfg = transformers.CLIPVisionConfig(
@@ -58,14 +58,14 @@ def clip(image_size: int = 28):
         intermediate_size=4 * W,
         num_hidden_layers=D,
         num_attention_heads=H,
-        image_size=image_size,
+        image_size=input_res,
         patch_size=14,
         projection_dim=32,
     )
     return "clip", randomize(transformers.CLIPVisionModelWithProjection(cfg))
 
 
-def eva02(image_size: int = 28, packed: bool = False):
+def eva02(input_res: int = 28, packed: bool = False):
     import timm
 
     arch = "eva02_tiny_patch14_224" if packed else "eva02_base_patch14_224"
@@ -75,14 +75,14 @@ def eva02(image_size: int = 28, packed: bool = False):
         embed_dim=W,
         depth=D,
         num_heads=H,
-        img_size=image_size,
+        img_size=input_res,
         num_classes=0,
         dynamic_img_size=True,
     )
     return "eva02", randomize(m)
 
 
-def plain(family: str, image_size: int = 32):
+def plain(family: str, input_res: int = 32):
     import timm
 
     from lgm_jax.models.vit import sincos_2d
@@ -94,13 +94,13 @@ def plain(family: str, image_size: int = 32):
             embed_dim=W,
             depth=D,
             num_heads=H,
-            img_size=image_size,
+            img_size=input_res,
             num_classes=0,
             dynamic_img_size=True,
         )
     )
     if family == "mocov3":  # MoCo-v3 freezes a 2-D sine-cosine table into pos_embed
-        g = image_size // 16
+        g = input_res // 16
         table = np.concatenate([np.zeros((1, W), np.float32), sincos_2d(g, W)])
         with torch.no_grad():
             m.pos_embed.copy_(torch.from_numpy(table)[None])

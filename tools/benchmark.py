@@ -105,12 +105,12 @@ FIELDS = (
 def vit_flops(cfg, tokens: int | None = None) -> float:
     """Forward FLOPs of one image through a ViT (2 per multiply-add, matmuls only).
 
-    cfg: a `ViTConfig`; tokens: sequence length, default 1 + (image_size / patch)^2.
+    cfg: a `ViTConfig`; tokens: sequence length, default 1 + (input_res / patch)^2.
     Patch embedding (g^2 p^2 3 D), then per block: q, k, v (3 T D^2), scores (T^2 D),
     attention x V (T^2 D), output projection (T D^2), MLP (2 T D M); the final LayerNorm and
     CLS pooling are free at this precision. ViT-B/14 at 224 px: 46.3 GFLOP.
     """
-    g = cfg.image_size // cfg.patch_size
+    g = cfg.input_res // cfg.patch_size
     t = 1 + g * g if tokens is None else tokens
     d, m = cfg.width, cfg.mlp_dim
     patch = g * g * cfg.patch_size**2 * 3 * d
@@ -165,7 +165,7 @@ def git_commit() -> str:
 
 def vit_config(
     backbone: str,
-    image_res: int,
+    input_res: int,
     dtype: str,
     remat: bool,
     attention: str = "xla",
@@ -177,7 +177,7 @@ def vit_config(
         raise SystemExit(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
     name = BACKBONES[backbone]
     kw = dict(
-        image_size=image_res,
+        input_res=input_res,
         dtype=dtype,
         remat=remat,
         attention=attention,
@@ -231,14 +231,14 @@ def setup(args, abstract: bool = False):
     from lgm_jax.models.vit import ViT
 
     vcfg = vit_config(
-        args.backbone, args.image_res, args.dtype, args.remat, args.attention, args.remat_policy
+        args.backbone, args.input_res, args.dtype, args.remat, args.attention, args.remat_policy
     )
     cfg = lgm.StepConfig(
         num_classes=args.classes,
         ipc=args.ipc,
         aug_rounds=args.aug_rounds,
         syn_res=args.syn_res,
-        augment=augment.AugmentConfig(out_res=args.image_res),
+        augment=augment.AugmentConfig(input_res=args.input_res),
         chunk_size=args.chunk,
         real_input=args.real,
     )
@@ -248,7 +248,7 @@ def setup(args, abstract: bool = False):
     mesh = lgm.data_mesh() if args.mesh else None
     step = lgm.make_step(features, vcfg.feature_dim, tx, cfg, mesh=mesh)
     make = (lambda f, *a: jax.eval_shape(f, *a)) if abstract else (lambda f, *a: jax.jit(f)(*a))
-    params = make(model.init, jax.random.key(0), jnp.zeros((1, args.image_res, args.image_res, 3)))
+    params = make(model.init, jax.random.key(0), jnp.zeros((1, args.input_res, args.input_res, 3)))
     # The full pyramid (1 .. syn_res): the steady state after the last level is added.
     levels = pyramid.resolutions(1, args.syn_res)
     state = make(lambda k: lgm.init_state(k, cfg, tx, start_res=levels), jax.random.key(1))
@@ -322,7 +322,7 @@ def residual_bytes_per_row(vcfg) -> int:
     from lgm_jax.models.vit import ViT
 
     model = ViT(vcfg)
-    side = vcfg.image_size
+    side = vcfg.input_res
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
 
     def total(n):
@@ -381,7 +381,7 @@ def lower(args) -> dict:
 
 def run_config(args, cfg) -> dict:
     keys = ("backbone", "classes", "ipc", "aug_rounds", "real", "chunk", "dtype", "remat",
-            "remat_policy", "attention", "syn_res", "image_res", "real_res", "steps", "warmup",
+            "remat_policy", "attention", "syn_res", "input_res", "real_res", "steps", "warmup",
             "mesh")  # fmt: skip
     return {k: getattr(args, k) for k in keys} | {
         "num_syn": cfg.num_syn,
@@ -500,7 +500,7 @@ def print_result(r: dict) -> None:
         f"{c['backbone']} {c['dtype']}{' remat ' + c['remat_policy'] if c['remat'] else ''}"
         f" | C={c['classes']} "
         f"ipc={c['ipc']} K={c['aug_rounds']} real={c['real']} chunk={c['chunk']} "
-        f"syn_res={c['syn_res']} image_res={c['image_res']}"
+        f"syn_res={c['syn_res']} input_res={c['input_res']}"
     )
     pf = r["peak_fraction"]
     rows = [
@@ -607,7 +607,7 @@ def setting_argv(args) -> list[str]:
     """The flags of one run (everything but classes, chunk, the mode and the output)."""
     out = []
     for k in ("backbone", "ipc", "aug_rounds", "real", "dtype", "steps", "warmup", "syn_res",
-              "image_res", "real_res", "attention", "remat_policy"):  # fmt: skip
+              "input_res", "real_res", "attention", "remat_policy"):  # fmt: skip
         v = getattr(args, k)
         if v is not None:
             out += ["--" + k.replace("_", "-"), str(v)]
@@ -648,7 +648,7 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--syn-res", type=int, default=256)
-    p.add_argument("--image-res", type=int, default=224)
+    p.add_argument("--input-res", type=int, default=224)
     p.add_argument("--real-res", type=int, default=None, help="real image side (default syn-res)")
     p.add_argument("--mesh", action="store_true", help="shard over all devices (data mesh)")
     p.add_argument("--json", help="write the result here")

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=FAMILIES)
     parser.add_argument("--arch", help="timm architecture for a checkpoint file")
     parser.add_argument("--name", help="registry name to record (default: inferred)")
-    parser.add_argument("--image-size", type=int, default=224, help="ViTConfig.image_size")
+    parser.add_argument("--input-res", type=int, default=224, help="ViTConfig.input_res")
     parser.add_argument("--verify", action="store_true")
     parser.add_argument(
         "--verify-size",
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
 
     family, model, state = load_torch(args.source, args.family, args.arch)
     backbone, params = convert_module(
-        family, model, state, args.name, args.source, image_size=args.image_size
+        family, model, state, args.name, args.source, input_res=args.input_res
     )
     from lgm_jax.models import registry, weights
 
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     if not args.verify:
         return 0
     failed = False
-    sizes = [args.image_size] + ([args.verify_size] if args.verify_size else [])
+    sizes = [args.input_res] + ([args.verify_size] if args.verify_size else [])
     backbone, params = registry.load_converted(args.out)  # check what was written
     for size in sizes:
         diff, rel = compare(family, model, backbone, params, size)

@@ -113,7 +113,7 @@ def run(path: str) -> list[tuple[str, float, float]]:
     meta, a, backbone_dir, num_levels = load_golden(path)
     aug_cfg = augment.AugmentConfig(
         mode="train",
-        out_res=meta["crop_res"],
+        input_res=meta["crop_res"],
         flip_p=meta["flip_p"],
         crop_scale=tuple(meta["crop_scale"]),
         crop_ratio=tuple(meta["crop_ratio"]),
@@ -130,7 +130,7 @@ def run(path: str) -> list[tuple[str, float, float]]:
         mean=tuple(meta["mean"]),
         std=tuple(meta["std"]),
     )
-    model_cfg, params = dinov2.load(backbone_dir, image_size=meta["crop_res"])
+    model_cfg, params = dinov2.load(backbone_dir, input_res=meta["crop_res"])
     model = vit.ViT(model_cfg)
     features = lambda p, x: model.apply({"params": p}, x)
 

@@ -36,7 +36,7 @@ pack() {  # everything but the traces into one file; each trace on its own if sm
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 py="${PYTHON:-python3}"
-common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --image-res 224
+common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --input-res 224
   --steps 5 --warmup 1)
 # GPU_BENCH_SMOKE=1: the same script on a CPU with the tiny backbone, 10x fewer classes and XLA
 # attention, to check the script itself before spending device time on it; each row is also
@@ -45,7 +45,7 @@ smoke="${GPU_BENCH_SMOKE:-0}"
 full=("${common[@]}")
 if [ "$smoke" = 1 ]; then
   mkdir -p "$out/lowered"
-  common=(--backbone tiny --dtype float32 --ipc 1 --syn-res 32 --image-res 28 --steps 1 --warmup 1)
+  common=(--backbone tiny --dtype float32 --ipc 1 --syn-res 32 --input-res 28 --steps 1 --warmup 1)
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$out/gpu.txt"

@@ -48,7 +48,7 @@ class ProjectionHead(nn.Module):
 
 def aug_config(res: int) -> augment.AugmentConfig:
     # Crops no smaller than 25% of the digit's image: at 0.08 most views are an empty corner.
-    return augment.AugmentConfig(mode="eval", out_res=res, crop_scale=(0.25, 1.0))
+    return augment.AugmentConfig(mode="eval", input_res=res, crop_scale=(0.25, 1.0))
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
@@ -65,7 +65,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
 def make_step(backbone, head, tx, images, batch: int, temperature: float):
     """One jitted SimCLR step on a random batch of `images` (float32 [N, H, H, 3] in [0, 1])."""
     features = registry.features_fn(backbone)
-    cfg = aug_config(backbone.image_size)
+    cfg = aug_config(backbone.input_res)
     mean, std = jnp.asarray(backbone.mean), jnp.asarray(backbone.std)
     n = images.shape[0]
 
@@ -160,7 +160,7 @@ def main(argv=None):
         temperature=args.temperature,
         seed=args.seed,
         augmentation=dict(
-            mode="eval", out_res=backbone.image_size, crop_scale=[0.25, 1.0], in_res=32
+            mode="eval", input_res=backbone.input_res, crop_scale=[0.25, 1.0], in_res=32
         ),
         train_seconds=round(train_s, 1),
         total_seconds=round(time.time() - t0, 1),

@@ -8,11 +8,9 @@ See docs/data.md for preparing each dataset and `python -m lgm_jax.data.feature_
 """
 
 from lgm_jax.data.pipeline import (
-    center_crop,
     eval_iterator,
     load_split_arrays,
     num_eval_batches,
-    prefetch_map,
     random_crop,
     read_batch,
     resize_shorter,
@@ -26,7 +24,6 @@ from lgm_jax.data.sources import (
     CorruptImage,
     Dataset,
     DatasetNotPrepared,
-    ImageFolder,
     check_num_classes,
     get_dataset,
     image_folder,
@@ -39,8 +36,6 @@ __all__ = [
     "CorruptImage",
     "Dataset",
     "DatasetNotPrepared",
-    "ImageFolder",
-    "center_crop",
     "check_num_classes",
     "eval_iterator",
     "get_dataset",
@@ -48,7 +43,6 @@ __all__ = [
     "load_split_arrays",
     "mnist_demo",
     "num_eval_batches",
-    "prefetch_map",
     "random_crop",
     "read_batch",
     "resize_shorter",

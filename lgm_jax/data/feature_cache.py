@@ -129,7 +129,7 @@ def build(
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     source = ds.source(split)
     n = len(source)
-    x = jax.ShapeDtypeStruct((1, aug.out_res, aug.out_res, 3), np.float32)
+    x = jax.ShapeDtypeStruct((1, aug.input_res, aug.input_res, 3), np.float32)
     feature_dim = int(jax.eval_shape(features, params, x).shape[-1])
     meta = {
         "format": FORMAT,
@@ -333,7 +333,7 @@ def _as_seed(rng_or_seed) -> int:
 # ---------------------------------------------------------------- command line
 
 
-def load_backbone(spec: str, weights: str | None = None, image_size: int = 224):
+def load_backbone(spec: str, weights: str | None = None, input_res: int = 224):
     """(features, params, name) from a spec: a registry name such as "dinov2_vitb" (with
     `weights`, a directory of converted weights; random weights without), "dinov2:<dir>" (a
     transformers DINOv2 directory), "tiny-random" (a 1-block random ViT for smoke runs), or
@@ -341,7 +341,7 @@ def load_backbone(spec: str, weights: str | None = None, image_size: int = 224):
     from lgm_jax.models import dinov2, registry, vit
 
     if spec in registry.NAMES:
-        backbone, params = registry.build(spec, weights or None, image_size=image_size)
+        backbone, params = registry.build(spec, weights or None, input_res=input_res)
         return registry.features_fn(backbone), params, spec
     kind, _, rest = spec.partition(":")
     if kind == "dinov2":
@@ -351,7 +351,7 @@ def load_backbone(spec: str, weights: str | None = None, image_size: int = 224):
         return (lambda p, x: model.apply({"params": p}, x)), params, name
     if kind == "tiny-random":
         cfg = dinov2.variant("S/14").replace(
-            width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, image_size=224
+            width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, input_res=224
         )
         model = vit.ViT(cfg)
         params = model.init(jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32))["params"]
@@ -379,7 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--split", default="train")
     p.add_argument("--res", type=int, default=256, help="crop size before augmentation")
-    p.add_argument("--out_res", type=int, default=224, help="backbone input size")
+    p.add_argument("--input_res", type=int, default=224, help="backbone input size")
     p.add_argument("--shard_size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
@@ -388,9 +388,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=8, help="image decoding threads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    features, params, name = load_backbone(a.backbone, a.weights, a.out_res)
+    features, params, name = load_backbone(a.backbone, a.weights, a.input_res)
     aug = augment.AugmentConfig(
-        mode="train", out_res=a.out_res, noise_mean=a.noise_mean, noise_std=a.noise_std
+        mode="train", input_res=a.input_res, noise_mean=a.noise_mean, noise_std=a.noise_std
     )
     meta = build(
         a.out,

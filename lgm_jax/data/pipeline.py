@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from lgm_jax.data.sources import CorruptImage, Dataset
+from lgm_jax.preprocess import centre_crop
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,6 @@ def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
 def random_crop(image: np.ndarray, res: int, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     y, x = rng.integers(0, h - res + 1), rng.integers(0, w - res + 1)
-    return image[y : y + res, x : x + res]
-
-
-def center_crop(image: np.ndarray, res: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    y, x = (h - res) // 2, (w - res) // 2
     return image[y : y + res, x : x + res]
 
 
@@ -242,7 +237,7 @@ def read_batch(source, indices, *, res: int, resize: int, mask=None, crop_seed=N
         if ex is not None:
             image = resize_shorter(ex["image"], resize)
             if crop_seed is None:
-                images[row] = center_crop(image, res)
+                images[row] = centre_crop(image, res)
             else:
                 rng = np.random.default_rng([*crop_seed, int(i)])
                 images[row] = random_crop(image, res, rng)
@@ -263,28 +258,6 @@ class EvalBatches:
         idx = np.concatenate([idx, np.zeros((b - len(idx),), idx.dtype)])
         mask = np.arange(b) < len(self.indices) - k * b
         return read_batch(self.source, idx, res=self.res, resize=self.resize, mask=mask)
-
-
-def prefetch_map(fn, items, depth: int, workers: int = 1):
-    """fn(x) for x in items, in order, computed up to `depth` items ahead by `workers` background
-    threads (the host reads, decodes and transfers the next batches while the device runs this
-    one). Stopping the iteration early cancels what has not started."""
-    import collections
-
-    items = iter(items)
-    end = object()
-    with concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="load") as pool:
-        queue = collections.deque(pool.submit(fn, x) for _, x in zip(range(max(depth, 1)), items))
-        try:
-            while queue:
-                out = queue.popleft().result()
-                nxt = next(items, end)
-                if nxt is not end:
-                    queue.append(pool.submit(fn, nxt))
-                yield out
-        finally:
-            for f in queue:
-                f.cancel()
 
 
 def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:

@@ -226,9 +226,6 @@ def image_folder(root: str, test_fraction: float = 0.2, seed: int = 0, name: str
     )
 
 
-ImageFolder = image_folder
-
-
 def _folder_files(root, classes):
     paths, labels = [], []
     for label, c in enumerate(classes):

@@ -113,7 +113,7 @@ def to_flax(state: dict, cfg: ViTConfig, source: str = "checkpoint") -> dict:
 def load(path: str, **kw) -> tuple[ViTConfig, dict]:
     """Load a transformers CLIP directory (config.json + model.safetensors).
 
-    Keyword arguments override ViTConfig fields (image_size, dtype, remat, ...).
+    Keyword arguments override ViTConfig fields (input_res, dtype, remat, ...).
     """
     cfg_path = os.path.join(path, "config.json")
     st_path = os.path.join(path, "model.safetensors")

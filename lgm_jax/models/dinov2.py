@@ -106,7 +106,7 @@ def to_flax(state: dict, cfg: ViTConfig, source: str = "checkpoint") -> dict:
 def load(path: str, **kw) -> tuple[ViTConfig, dict]:
     """Load a transformers DINOv2 directory (config.json + model.safetensors).
 
-    Keyword arguments override ViTConfig fields (image_size, dtype, remat, pos_resize, ...).
+    Keyword arguments override ViTConfig fields (input_res, dtype, remat, pos_resize, ...).
     """
     cfg_path = os.path.join(path, "config.json")
     st_path = os.path.join(path, "model.safetensors")

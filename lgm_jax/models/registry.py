@@ -1,4 +1,7 @@
-"""Backbones by name: configs, preprocessing, random or converted weights, feature functions.
+"""Backbones by name: the one way to build one. `build(name, weights=None, **overrides)` returns
+`(Backbone, params)`; the Backbone carries `features(params, images)`, its input side, feature
+dimension, mean/std and name. Every command, the run, the benchmark and the tests build their
+backbone here.
 
 Names follow the reference implementation (`dinov2_vitb`, `clip_vitb`, `eva02_vitb`,
 `mocov3_vitb`, ...); `<family>_tiny` are 2-block, 64-wide versions of each family for tests and
@@ -7,11 +10,16 @@ demos (not pre-trained models; `eva02_tiny` is not EVA-02 Ti, which is `eva02_vi
 Converted weights (written by tools/convert_weights.py, read by `build`) are a directory with
 `params.safetensors` (the Flax tree, flat keys "blocks_0/attn/query/kernel", float32) and
 `config.json` (the ViTConfig fields plus "family" and "name").
+
+A user's own feature function plugs in as the name `factory:<module>:<function>[:<arg>]`: the
+function (called with `arg` when given) returns `(Backbone, params)`, a Backbone subclass whose
+`features`, `input_res` and `feature_dim` may be anything (docs/backbones.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -21,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lgm_jax.lgm import IMAGENET_MEAN, IMAGENET_STD
-from lgm_jax.models import clip, dinov2, eva02, plain_vit, weights
+from lgm_jax.errors import InputError
+from lgm_jax.models import clip, dinov2, eva02, plain_vit
+from lgm_jax.models import weights as weights_mod
 from lgm_jax.models.vit import ViT, ViTConfig, param_shapes
+from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino")
 _TINY = dict(width=64, depth=2, heads=2, mlp_dim=256)
@@ -48,38 +58,38 @@ _NAMES: dict[str, tuple[str, Callable[..., ViTConfig]]] = {
     # Tiny random backbones of each family (tests, demos): 28 px (patch 14) or 32 px (patch 16).
     "dinov2_tiny": (
         "dinov2",
-        lambda **kw: dinov2.variant("B/14", **{**_TINY, "pos_grid": 4, "image_size": 28, **kw}),
+        lambda **kw: dinov2.variant("B/14", **{**_TINY, "pos_grid": 4, "input_res": 28, **kw}),
     ),
     "dinov2_reg_tiny": (
         "dinov2",
         lambda **kw: dinov2.variant(
-            "B/14", registers=4, **{**_TINY, "pos_grid": 4, "image_size": 28, **kw}
+            "B/14", registers=4, **{**_TINY, "pos_grid": 4, "input_res": 28, **kw}
         ),
     ),
     "clip_tiny": (
         "clip",
         lambda **kw: clip.variant(
             "B/16",
-            **{**_TINY, "patch_size": 14, "pos_grid": 2, "proj_dim": 32, "image_size": 28, **kw},
+            **{**_TINY, "patch_size": 14, "pos_grid": 2, "proj_dim": 32, "input_res": 28, **kw},
         ),
     ),
     "eva02_tiny": (
         "eva02",
         lambda **kw: eva02.variant(
             "B/14",
-            **{**_TINY, "mlp_dim": 170, "pos_grid": 2, "rope_ref_grid": 2, "image_size": 28, **kw},
+            **{**_TINY, "mlp_dim": 170, "pos_grid": 2, "rope_ref_grid": 2, "input_res": 28, **kw},
         ),
     ),
     "mocov3_tiny": (
         "mocov3",
         lambda **kw: plain_vit.variant(
-            "B/16", "mocov3", **{**_TINY, "pos_grid": 2, "image_size": 32, **kw}
+            "B/16", "mocov3", **{**_TINY, "pos_grid": 2, "input_res": 32, **kw}
         ),
     ),
     "dino_tiny": (
         "dino",
         lambda **kw: plain_vit.variant(
-            "B/16", "dino", **{**_TINY, "pos_grid": 2, "image_size": 32, **kw}
+            "B/16", "dino", **{**_TINY, "pos_grid": 2, "input_res": 32, **kw}
         ),
     ),
 }
@@ -88,7 +98,8 @@ NAMES = tuple(_NAMES)
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    """A frozen backbone: its architecture and the normalisation its inputs expect."""
+    """A frozen backbone: its architecture, the normalisation its inputs expect and its feature
+    function. Hashable, so `features` can be a static argument of a jitted function."""
 
     name: str
     family: str
@@ -102,45 +113,57 @@ class Backbone:
         return self.config.feature_dim
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
+    def input_res(self) -> int:
+        """The side of the (square) images `features` takes."""
+        return self.config.input_res
+
+    def features(self, params, images: jax.Array) -> jax.Array:
+        """Normalised images [B, input_res, input_res, 3] -> features [B, feature_dim]."""
+        return ViT(self.config).apply({"params": params}, images)
 
 
 def get(name: str, **overrides) -> Backbone:
-    """The Backbone called `name`; keyword arguments override ViTConfig fields."""
+    """The Backbone called `name` (no weights); keyword arguments override ViTConfig fields."""
     if name not in _NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
+        raise InputError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
     family, make = _NAMES[name]
     return Backbone(name=name, family=family, config=make(**overrides))
 
 
-def build(name: str, weights_dir: str | None = None, rng=None, **overrides):
-    """(Backbone, params): random init when weights_dir is None, else the converted weights.
+def build(name: str, weights: str | None = None, *, rng=None, **overrides):
+    """(Backbone, params): random init when `weights` is None, else the converted weights in
+    that directory (their own config wins over the registry's, except for the overrides).
 
-    Keyword arguments override ViTConfig fields (image_size, dtype, remat, attention, ...).
-    A converted directory's own config wins over the registry's, except for the overrides.
+    Keyword arguments override ViTConfig fields (input_res, dtype, remat, attention, ...).
+    `name` may also be `factory:<module>:<function>[:<arg>]` (a user's own backbone).
     """
+    if name.startswith("factory:"):
+        return _from_factory(name)
     if name not in _NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
-    if weights_dir is None:
+        raise InputError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
+    if weights is None:
         backbone = get(name, **overrides)
-        model = ViT(backbone.config)
-        s = backbone.config.image_size
+        s = backbone.input_res
         rng = jax.random.key(0) if rng is None else rng
-        params = jax.jit(model.init)(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
-        return backbone, params
-    backbone, params = load_converted(weights_dir, **overrides)
+        init = jax.jit(ViT(backbone.config).init)
+        return backbone, init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+    backbone, params = load_converted(weights, **overrides)
     if _NAMES[name][0] != backbone.family:
-        raise weights.CheckpointMismatch(
-            f"{weights_dir} holds {backbone.family} weights ({backbone.name}), not {name}"
+        raise weights_mod.CheckpointMismatch(
+            f"{weights} holds {backbone.family} weights ({backbone.name}), not {name}"
         )
     return backbone, params
 
 
-def features_fn(backbone: Backbone) -> Callable[[object, jax.Array], jax.Array]:
-    """features(params, normalised images [B, H, W, 3]) -> [B, feature_dim] float32."""
-    model = ViT(backbone.config)
-    return lambda params, images: model.apply({"params": params}, images)
+def _from_factory(name: str):
+    """`factory:<module>:<function>[:<arg>]` -> what the function returns, (Backbone, params)."""
+    module, _, rest = name[len("factory:") :].partition(":")
+    fn, _, arg = rest.partition(":")
+    try:
+        make = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"backbone {name!r}: cannot load {module}.{fn} ({e})") from e
+    return make(arg) if arg else make()
 
 
 def save_converted(out_dir: str, backbone: Backbone, params) -> None:
@@ -174,18 +197,18 @@ def load_converted(path: str, **overrides) -> tuple[Backbone, dict]:
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(meta) - fields)
     if unknown or family not in FAMILIES:
-        raise weights.CheckpointMismatch(
+        raise weights_mod.CheckpointMismatch(
             f"{cfg_path} is not a converted-weights config (family {family!r}, "
             f"unknown fields {unknown})"
         )
     cfg = ViTConfig(**meta).replace(**overrides)
-    flat = weights.read_safetensors(st_path)
+    flat = weights_mod.read_safetensors(st_path)
     expected = traverse_util.flatten_dict(param_shapes(cfg), sep="/")
     extra = sorted(set(flat) - set(expected))
     missing = sorted(set(expected) - set(flat))
     bad = sorted(k for k in set(flat) & set(expected) if flat[k].shape != expected[k].shape)
     if extra or missing or bad:
-        raise weights.CheckpointMismatch(
+        raise weights_mod.CheckpointMismatch(
             f"{st_path} does not match its config: unexpected {extra}, missing {missing}, "
             + "shape mismatches "
             + str([f"{k}: {flat[k].shape} vs {tuple(expected[k].shape)}" for k in bad])

@@ -96,7 +96,7 @@ class ViTConfig:
     pool: str = "cls"  # "cls" token or "avg" of the patch tokens (CLS and registers excluded)
     fc_norm: bool = False  # LayerNorm after pooling (timm's fc_norm, EVA-02)
     proj_dim: int = 0  # > 0: a bias-free projection of the pooled feature (CLIP)
-    image_size: int = 224
+    input_res: int = 224
     # Compute options (not part of the checkpoint):
     dtype: str = "float32"  # "float32" or "bfloat16" activations and matmuls ("float64": tests)
     remat: bool = False  # rematerialise each block in the backward pass
@@ -115,11 +115,11 @@ class ViTConfig:
 
     @property
     def grid(self) -> int:
-        if self.image_size % self.patch_size:
+        if self.input_res % self.patch_size:
             raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"input_res {self.input_res} is not a multiple of patch_size {self.patch_size}"
             )
-        return self.image_size // self.patch_size
+        return self.input_res // self.patch_size
 
     @property
     def pad_multiple(self) -> int:
@@ -404,5 +404,5 @@ class ViT(nn.Module):
 def param_shapes(cfg: ViTConfig) -> Any:
     """The parameter tree's shapes (jax.ShapeDtypeStruct leaves), without allocating."""
     model = ViT(cfg)
-    x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, cfg.input_res, cfg.input_res, 3), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)["params"]

@@ -19,10 +19,12 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from lgm_jax.errors import InputError
+
 Rules = Sequence[tuple[str, str]]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(InputError):
     """A checkpoint does not fit the model: the message names each offending key."""
 
 

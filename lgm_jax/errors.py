@@ -1,0 +1,30 @@
+"""A user's input error, and the one way every command reports it. A leaf module.
+
+An `InputError` is a mistake the user can fix (a wrong path, a file of the wrong kind, a setting
+out of range, a checkpoint or cache of another run); its message says what is wrong and how to
+fix it. Commands run through `run_command`, which turns one into a single line on stderr and exit
+status 2. Every other exception is an internal error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class InputError(ValueError):
+    """Input that lgm_jax cannot use; the message says what is wrong and the fix."""
+
+
+def report(e: BaseException) -> int:
+    """Print `error: <message>` on one line to stderr; the exit status for an input error (2)."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def run_command(main: Callable[[], int | None]) -> int:
+    """Run a command's body; an InputError (or FileNotFoundError) becomes one line and exit 2."""
+    try:
+        return main() or 0
+    except (InputError, FileNotFoundError) as e:
+        return report(e)
