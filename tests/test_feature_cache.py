@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lgm_jax import augment, lgm
-from lgm_jax.data import feature_cache as fc
+from lgm_jax import feature_cache as fc
 from lgm_jax.data import pipeline, sources
 from lgm_jax.models import dinov2, vit
 

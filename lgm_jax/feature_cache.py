@@ -20,7 +20,7 @@ augmentation draws `augment.sample(view_key(seed, v, s), S)[i - s*S]`, so a view
 exactly (the tests do, and compare probe gradients).
 
 Command:
-  python -m lgm_jax.data.feature_cache --dataset imagenet100 --data_dir ~/tensorflow_datasets \
+  python -m lgm_jax.feature_cache --dataset imagenet100 --data_dir ~/tensorflow_datasets \
       --backbone dinov2:/ckpt/dinov2-base --views 10 --out /caches/in100_dinov2b
 """
 
@@ -242,7 +242,7 @@ class FeatureCache:
         if not os.path.exists(meta_path):
             raise FileNotFoundError(
                 f"no feature cache in {path} (no meta.json); build one with "
-                "python -m lgm_jax.data.feature_cache --dataset ... --backbone ... --out " + path
+                "python -m lgm_jax.feature_cache --dataset ... --backbone ... --out " + path
             )
         with open(meta_path) as f:
             meta = json.load(f)
@@ -254,7 +254,7 @@ class FeatureCache:
                 raise CacheMismatch(
                     f"feature cache {path} was built with {key}={have!r} but this run needs "
                     f"{key}={want!r}; build a cache for these settings "
-                    "(python -m lgm_jax.data.feature_cache) or point to the right one"
+                    "(python -m lgm_jax.feature_cache) or point to the right one"
                 )
         num_shards = -(-meta["num_images"] // meta["shard_size"])
         missing = [s for s in range(num_shards) if not os.path.exists(shard_path(path, "feats", s))]
