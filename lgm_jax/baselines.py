@@ -5,8 +5,14 @@
     python -m lgm_jax.baselines neighbors --distilled RUN --backbone B --out DIR [--evaluate]
     python -m lgm_jax.baselines full      --dataset D --backbone B --out DIR [--epochs 100]
 
-Each selection baseline writes real training images in the format `lgm_jax.evaluate` reads
-(synthetic.npz: images uint8 [N, 256, 256, 3], labels [N], plus dataset/method/backbone names):
+Example (one random real digit per class of the demo data, then its evaluation):
+
+    python -m lgm_jax.baselines random --dataset mnist_demo --out workdirs/random \
+        --backbone dinov2_tiny --weights lgm_jax/assets/demo_vit
+
+Each selection baseline writes real training images as a distilled set (lgm_jax/distilled.py:
+synthetic.npz, images uint8 [N, S, S, 3] with S = --syn-res, 256 by default, labels [N], plus
+dataset/method/backbone names), which `lgm_jax.evaluate` reads:
   * random: one random train image per class (resize 256, centre crop 256), one set per seed
     (DIR/seed{k}/synthetic.npz); evaluating the S sets together trains seed k on set k;
   * centroids: per class, the train image whose embedding is nearest in L2 to the class-mean
@@ -35,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lgm_jax import evaluate as ev
-from lgm_jax import lgm, probe
+from lgm_jax import config_base, distilled, evaluate, probe
+from lgm_jax.errors import InputError, run_command
+from lgm_jax.preprocess import centre_crop, normalize, to_unit
 
 # ----------------------------------------------------------------------------------------------
 # Selection rules (pure NumPy)
@@ -49,7 +56,7 @@ def random_indices(labels, num_classes: int, rng: np.random.Generator) -> np.nda
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if not idx.size:
-            raise ev.InputError(f"class {c} has no training images")
+            raise InputError(f"class {c} has no training images")
         out.append(rng.choice(idx))
     return np.asarray(out, np.int64)
 
@@ -61,7 +68,7 @@ def centroid_indices(feats, labels, num_classes: int) -> np.ndarray:
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if not idx.size:
-            raise ev.InputError(f"class {c} has no training images")
+            raise InputError(f"class {c} has no training images")
         f = feats[idx]
         out.append(idx[np.argmin(np.sum((f - f.mean(0)) ** 2, axis=1))])
     return np.asarray(out, np.int64)
@@ -76,7 +83,7 @@ def neighbor_indices(query_feats, query_labels, feats, labels) -> np.ndarray:
     for qi, c in zip(q, np.asarray(query_labels), strict=True):
         idx = np.flatnonzero(labels == c)
         if not idx.size:
-            raise ev.InputError(f"class {c} has no training images")
+            raise InputError(f"class {c} has no training images")
         out.append(idx[np.argmax(f[idx] @ qi)])
     return np.asarray(out, np.int64)
 
@@ -86,8 +93,8 @@ def neighbor_indices(query_feats, query_labels, feats, labels) -> np.ndarray:
 
 
 def _embed(params, images, *, features, cfg):
-    x = probe.centre_crop(lgm.to_unit(images), cfg.augment.input_res)
-    return features(params, lgm.normalize(x, cfg)).astype(jnp.float32)
+    x = centre_crop(to_unit(images), cfg.augment.input_res)
+    return features(params, normalize(x, cfg.mean, cfg.std)).astype(jnp.float32)
 
 
 embed_batch = jax.jit(_embed, static_argnames=("features", "cfg"))
@@ -118,115 +125,95 @@ def gather(batches: Iterable[dict], indices) -> np.ndarray:
         offset += len(imgs)
     missing = want - set(found)
     if missing:
-        raise ev.InputError(f"indices {sorted(missing)[:5]} are past the {offset} images")
+        raise InputError(f"indices {sorted(missing)[:5]} are past the {offset} images")
     return np.stack([found[i] for i in indices.tolist()])
-
-
-def save_set(out: str, images, labels, **meta) -> str:
-    ev.check_images(images, res=None, what="selected images")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "synthetic.npz")
-    np.savez(path, images=images, labels=np.asarray(labels, np.int32), **meta)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI commands (data and backbone registries imported lazily)
 
 
-def _train_stream(ds, batch_size: int, image_res: int | None = None):
-    """Train images as the baselines keep them: shorter side resized to image_res (256), centre
-    crop image_res."""
+def _train_stream(ds, batch_size: int, syn_res: int = distilled.SYN_RES):
+    """Train images as the baselines keep them: shorter side resized to syn_res, centre crop."""
     from lgm_jax import data
 
-    res = image_res or ev.SYN_RES
-    return lambda: data.eval_iterator(ds, "train", batch_size, res=res, resize=res)
+    return lambda: data.eval_iterator(ds, "train", batch_size, crop=syn_res, resize=syn_res)
 
 
-def _train_embeddings(ds, backbone: str, weights, batch_size: int, image_res: int | None = None):
-    features, params, _, res, mean, std = ev.build_backbone(backbone, weights)
-    cfg = ev.probe_config(ds.num_classes, res, mean, std, epochs=1)
-    stream = _train_stream(ds, batch_size, image_res)
-    feats, labels = embed(features, params, stream(), cfg)
-    return feats, labels, stream, (features, params, cfg)
+def _train_embeddings(ds, backbone: str, weights, batch_size: int, syn_res: int):
+    """Embeddings [N, F] and labels of the train split's centre crops, and the stream and
+    (backbone, params, probe config) that made them."""
+    from lgm_jax.models import registry
+
+    bb, params = registry.build(backbone, weights)
+    cfg = config_base.probe_config(bb, ds.num_classes, epochs=1)
+    stream = _train_stream(ds, batch_size, syn_res)
+    feats, labels = embed(bb.features, params, stream(), cfg)
+    return feats, labels, stream, (bb.features, params, cfg)
 
 
 def run_random(
-    dataset, out, seeds=5, seed=0, batch_size=256, image_res=None, data_dir=None
+    dataset, out, seeds=5, seed=0, batch_size=256, syn_res=distilled.SYN_RES, data_dir=None
 ) -> list[str]:
+    """One random train image per class, for each of `seeds` draws: out/seed<k>/synthetic.npz."""
     from lgm_jax import data
 
     ds = data.get_dataset(dataset, data_dir)
-    stream = _train_stream(ds, batch_size, image_res)
+    stream = _train_stream(ds, batch_size, syn_res)
     labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"], bool)] for b in stream()])
     paths = []
     for k in range(seeds):
         idx = random_indices(labels, ds.num_classes, np.random.default_rng([seed, k]))
-        paths.append(
-            save_set(
-                os.path.join(out, f"seed{k}"),
-                gather(stream(), idx),
-                labels[idx],
-                dataset=dataset,
-                method="random",
-            )
-        )
+        images = gather(stream(), idx)
+        path = os.path.join(out, f"seed{k}")
+        paths.append(distilled.save(path, images, labels[idx], dataset=dataset, method="random"))
     return paths
 
 
 def run_centroids(
-    dataset, backbone, out, weights=None, batch_size=256, image_res=None, data_dir=None
+    dataset, backbone, out, weights=None, batch_size=256, syn_res=distilled.SYN_RES, data_dir=None
 ) -> str:
+    """Per class, the train image nearest its class's mean embedding: out/synthetic.npz."""
     from lgm_jax import data
 
     ds = data.get_dataset(dataset, data_dir)
-    feats, labels, stream, _ = _train_embeddings(ds, backbone, weights, batch_size, image_res)
+    feats, labels, stream, _ = _train_embeddings(ds, backbone, weights, batch_size, syn_res)
     idx = centroid_indices(feats, labels, ds.num_classes)
-    return save_set(
-        out,
-        gather(stream(), idx),
-        labels[idx],
-        dataset=dataset,
-        method="centroids",
-        backbone=backbone,
-    )
+    images = gather(stream(), idx)
+    meta = dict(dataset=dataset, method="centroids", backbone=backbone)
+    return distilled.save(out, images, labels[idx], **meta)
 
 
 def run_neighbors(
-    distilled,
+    distilled_path,
     backbone,
     out,
     dataset=None,
     weights=None,
     batch_size=256,
-    image_res=None,
+    syn_res=None,
     data_dir=None,
 ) -> str:
     """The real train images nearest (in backbone features) to each distilled image, at the
-    distilled images' resolution unless image_res says otherwise."""
+    distilled images' side unless syn_res says otherwise."""
     from lgm_jax import data
 
-    images, syn_labels, meta = ev.load_distilled(distilled)
-    image_res = image_res or images.shape[1]
-    ev.check_images(images, image_res)
-    dataset = dataset or meta.get("dataset")
+    s = distilled.load(distilled_path)
+    syn_res = syn_res or s.side
+    distilled.check_images(s.images, syn_res)
+    dataset = dataset or s.meta.get("dataset")
     if not dataset:
-        raise ev.InputError(f"{meta['path']} does not record its dataset; pass --dataset NAME")
+        raise InputError(f"{s.meta['path']} does not record its dataset; pass --dataset NAME")
     ds = data.get_dataset(dataset, data_dir)
-    syn_labels = ev.check_labels(syn_labels, len(images), ds.num_classes, dataset)
+    syn_labels = distilled.check_labels(s.labels, len(s.images), ds.num_classes, dataset)
     feats, labels, stream, (features, params, cfg) = _train_embeddings(
-        ds, backbone, weights, batch_size, image_res
+        ds, backbone, weights, batch_size, syn_res
     )
-    q, _ = embed(features, params, probe.array_batches(images, syn_labels, batch_size), cfg)
+    q, _ = embed(features, params, probe.array_batches(s.images, syn_labels, batch_size), cfg)
     idx = neighbor_indices(q, syn_labels, feats, labels)
-    return save_set(
-        out,
-        gather(stream(), idx),
-        labels[idx],
-        dataset=dataset,
-        method="neighbors",
-        backbone=backbone,
-    )
+    images = gather(stream(), idx)
+    meta = dict(dataset=dataset, method="neighbors", backbone=backbone)
+    return distilled.save(out, images, labels[idx], **meta)
 
 
 def run_full(
@@ -248,35 +235,34 @@ def run_full(
     random resized crop); progress is saved after every epoch in DIR/progress.seed<k>.npz and
     an interrupted run given the same command continues from its last finished epoch."""
     from lgm_jax import data
+    from lgm_jax.models import registry
 
     ds = data.get_dataset(dataset, data_dir)
     source = ds.source("train")
     n = len(source)
     if n == 0:
-        raise ev.InputError(f"the train split of {dataset!r} is empty")
-    features, params, feat_dim, res, mean, std = ev.build_backbone(backbone, weights)
-    cfg = ev.probe_config(
-        ds.num_classes, res, mean, std, epochs=epochs, batch_size=batch_size, lr=lr
-    )
+        raise InputError(f"the train split of {dataset!r} is empty")
+    bb, params = registry.build(backbone, weights)
+    cfg = config_base.probe_config(bb, ds.num_classes, epochs=epochs, batch_size=batch_size, lr=lr)
 
     def load(indices, mask, epoch):  # SPEC's real images: shorter side 256, random 256 crop
         crop = (seed, epoch)  # a fresh crop of each image every epoch, the same on a rerun
-        side = ev.SYN_RES  # (res is the backbone's: the probe's crops and the test images)
-        return data.read_batch(source, indices, res=side, resize=side, mask=mask, crop_seed=crop)
+        side = distilled.SYN_RES  # (the probe then crops these to the backbone's input side)
+        return data.read_batch(source, indices, crop=side, resize=side, mask=mask, crop_seed=crop)
 
     os.makedirs(out, exist_ok=True)
     # What the saved progress must agree with to be continued (the probe's settings included).
     fingerprint = json.dumps(
-        [dataset, n, backbone, weights, seed, ev.SYN_RES, cfg.settings(n)], sort_keys=True
+        [dataset, n, backbone, weights, seed, distilled.SYN_RES, cfg.settings(n)], sort_keys=True
     )
     t0 = time.time()
     try:
         probes, losses = probe.train_streamed(
-            features,
+            bb.features,
             params,
             load,
             n,
-            feat_dim=feat_dim,
+            feat_dim=bb.feature_dim,
             cfg=cfg,
             seeds=seeds,
             rng=jax.random.key(seed),
@@ -285,20 +271,24 @@ def run_full(
             fingerprint=fingerprint,
         )
     except probe.ProgressMismatch as e:
-        raise ev.InputError(str(e)) from e
+        raise InputError(str(e)) from e
     jax.block_until_ready(losses)
-    result = ev.protocol_result(
-        probes, losses, n, time.time() - t0, features=features, params=params, cfg=cfg,
-        test_batches=ev.test_stream(ds, res, test_batch), seeds=seeds, seed=seed,
+    result = evaluate.protocol_result(
+        probes, losses, n, time.time() - t0, features=bb.features, params=params, cfg=cfg,
+        test_batches=evaluate.test_stream(ds, bb.input_res, test_batch), seeds=seeds, seed=seed,
     )  # fmt: skip
     result = {"method": "full", "backbone": backbone, "dataset": dataset, **result}
     result["settings"]["streamed"] = True
     result["skipped_images"] = data.skipped_images()
-    result["out"] = ev.write_result(result, out)
+    result["out"] = evaluate.write_result(result, out)
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lgm_jax.baselines",
         description=__doc__,
@@ -316,18 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="embedding / probe backbone"
             + (" (random: evaluate on it)" if name == "random" else ""),
         )
-        c.add_argument("--weights", default=None)
+        c.add_argument("--weights", default=None, help="converted backbone weights (a directory)")
         c.add_argument("--data-dir", default=None, help="dataset directory, if not the default")
         c.add_argument("--batch-size", type=int, default=256, help="embedding batch")
         c.add_argument("--seed", type=int, default=0)
-        if name != "full":
-            c.add_argument(
-                "--image-res",
-                type=int,
-                default=None,
-                help=f"side of the saved images (default {ev.SYN_RES}; neighbors: that of the "
-                "distilled images)",
-            )
+    for name in ("random", "centroids", "neighbors"):
+        default = "that of the distilled images" if name == "neighbors" else distilled.SYN_RES
+        cmds[name].add_argument(
+            "--syn-res", type=int, default=None, help=f"side of the saved images ({default})"
+        )
     cmds["random"].add_argument("--seeds", type=int, default=5)
     cmds["neighbors"].add_argument("--distilled", required=True)
     for name in ("centroids", "neighbors"):
@@ -341,79 +328,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds["full"].add_argument(
         "--workers", type=int, default=8, help="threads reading and decoding train batches"
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def _print_row(res: dict) -> None:
+    print(evaluate.TABLE_HEAD, evaluate.format_row(res), sep="\n")
+
+
+def _random(a) -> None:
+    syn_res = a.syn_res or distilled.SYN_RES
+    paths = run_random(a.dataset, a.out, a.seeds, a.seed, a.batch_size, syn_res, a.data_dir)
+    print("wrote", *paths, sep="\n  ")
+    if a.backbone:
+        out = os.path.join(a.out, "eval", a.backbone.replace("/", "_"))
+        kw = dict(weights=a.weights, seeds=len(paths), data_dir=a.data_dir, out=out)
+        _print_row(evaluate.evaluate(paths, a.backbone, **kw))
+
+
+def _selection(a) -> None:
+    if a.cmd == "centroids":
+        syn_res = a.syn_res or distilled.SYN_RES
+        args = (a.dataset, a.backbone, a.out, a.weights, a.batch_size, syn_res, a.data_dir)
+        path = run_centroids(*args)
+    else:
+        args = (a.distilled, a.backbone, a.out, a.dataset, a.weights, a.batch_size, a.syn_res)
+        path = run_neighbors(*args, a.data_dir)
+    print("wrote", path)
+    if a.evaluate:
+        kw = dict(weights=a.weights, seed=a.seed, data_dir=a.data_dir)
+        _print_row(evaluate.evaluate(a.out, a.backbone, **kw))
+
+
+def _full(a) -> None:
+    res = run_full(
+        a.dataset,
+        a.backbone,
+        a.out,
+        a.weights,
+        a.seeds,
+        a.epochs,
+        a.batch,
+        a.lr,
+        a.seed,
+        workers=a.workers,
+        data_dir=a.data_dir,
+    )
+    _print_row(res)
+    print(json.dumps({"eval": res["out"]}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     # Progress (the full probe's epochs, skipped images) to stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        if a.cmd == "random":
-            res_out = a.image_res or ev.SYN_RES
-            paths = run_random(a.dataset, a.out, a.seeds, a.seed, a.batch_size, res_out, a.data_dir)
-            print("wrote", *paths, sep="\n  ")
-            if a.backbone:
-                res = ev.evaluate(
-                    paths,
-                    a.backbone,
-                    weights=a.weights,
-                    seeds=len(paths),
-                    image_res=res_out,
-                    data_dir=a.data_dir,
-                    out=os.path.join(a.out, "eval", a.backbone.replace("/", "_")),
-                )
-                print(ev.TABLE_HEAD, ev.format_row(res), sep="\n")
-        elif a.cmd in ("centroids", "neighbors"):
-            if a.cmd == "centroids":
-                path = run_centroids(
-                    a.dataset,
-                    a.backbone,
-                    a.out,
-                    a.weights,
-                    a.batch_size,
-                    a.image_res or ev.SYN_RES,
-                    a.data_dir,
-                )
-            else:
-                path = run_neighbors(
-                    a.distilled,
-                    a.backbone,
-                    a.out,
-                    a.dataset,
-                    a.weights,
-                    a.batch_size,
-                    a.image_res,
-                    a.data_dir,
-                )
-            print("wrote", path)
-            if a.evaluate:
-                saved = np.load(os.path.join(a.out, "synthetic.npz"))["images"].shape[1]
-                res = ev.evaluate(
-                    a.out,
-                    a.backbone,
-                    weights=a.weights,
-                    seed=a.seed,
-                    image_res=saved,
-                    data_dir=a.data_dir,
-                )
-                print(ev.TABLE_HEAD, ev.format_row(res), sep="\n")
-        else:
-            res = run_full(
-                a.dataset,
-                a.backbone,
-                a.out,
-                a.weights,
-                a.seeds,
-                a.epochs,
-                a.batch,
-                a.lr,
-                a.seed,
-                workers=a.workers,
-                data_dir=a.data_dir,
-            )
-            print(ev.TABLE_HEAD, ev.format_row(res), sep="\n")
-            print(json.dumps({"eval": res["out"]}))
-    except ev.InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    commands = {"random": _random, "centroids": _selection, "neighbors": _selection}
+    return run_command(lambda: commands.get(a.cmd, _full)(a))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ backbone's input (what augmentation crops to).
 import ml_collections
 
 from lgm_jax import augment, lgm
+from lgm_jax.errors import InputError
 from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -157,3 +158,25 @@ def build_backbone(config):
     from lgm_jax.models import registry
 
     return registry.build(config.backbone, config.weights or None, **backbone_overrides(config))
+
+
+def probe_config(
+    backbone, num_classes: int, *, epochs, batch_size=100, lr=None, mode="exact", views=100
+):
+    """The probe protocol's static settings for `backbone` (its input side, mean and std):
+    mode "exact" (the backbone on fresh augmentations every step) or "fast" (`views`
+    precomputed augmented views per image)."""
+    from lgm_jax import probe
+
+    if mode not in ("exact", "fast"):
+        raise InputError(f"the probe mode must be 'exact' or 'fast', got {mode!r}")
+    return probe.ProbeConfig(
+        num_classes=num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment.AugmentConfig(mode="eval", input_res=backbone.input_res),
+        mean=tuple(backbone.mean),
+        std=tuple(backbone.std),
+        views=views if mode == "fast" else 0,
+    )

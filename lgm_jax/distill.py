@@ -1,4 +1,5 @@
-"""The distillation run: mesh, data, backbone, restore or init, grow, step, log, checkpoint, export.
+"""The distillation run: set up (mesh, data, backbone, restore or init), loop (grow, step, log,
+checkpoint), finish (export, evaluate).
 
     distill.run(config, workdir)
 
@@ -8,77 +9,36 @@ images as one that was never interrupted. Adding a pyramid level is a host-side 
 jitted steps (the state's shapes change and the step re-traces).
 
 Workdir layout:
-    checkpoints/<step>/     orbax checkpoints (state + run metadata), the last few kept
-    synthetic.npz           images uint8 [N, res, res, 3], labels int32 [N] (at the end)
+    checkpoints/<step>/     orbax checkpoints (lgm_jax/checkpoint.py), the last few kept
+    synthetic.npz           the distilled set (lgm_jax/distilled.py), at the end
     images/step_<s>.png     a grid of the synthetic images every `image_every` steps
     images/class_<c>.png    one PNG per class at the end, and images/final.png, all of them
     config.json             the run's config
     events.*                TensorBoard metrics (loss, steps/s, images/s)
+    profile/                with config.profile.start >= 0: a trace of a few steps
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import math
 import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from lgm_jax import augment, lgm, profiling, pyramid
+from lgm_jax import checkpoint, config_base, distilled, lgm, profiling, pyramid
+from lgm_jax.prefetch import prefetch_map
 
 log = logging.getLogger("lgm_jax")
-
-# Settings that define what a checkpoint is of: a workdir holding a checkpoint that differs in
-# any of these belongs to another run and is refused.
-IDENTITY_KEYS = ("dataset", "backbone", "ipc", "syn_res", "input_res", "pyramid.pixels")
-
-
-class RunMismatch(ValueError):
-    """The workdir holds a checkpoint of a different run."""
 
 
 class NonFiniteLoss(RuntimeError):
     """The meta-loss stayed non-finite for too many steps in a row."""
-
-
-def _get(config, dotted):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
-def step_config(config, num_classes: int) -> lgm.StepConfig:
-    a = config.augment
-    aug = augment.AugmentConfig(
-        mode=a.mode,
-        input_res=config.input_res,
-        flip_p=a.flip_p,
-        crop_scale=tuple(a.crop_scale),
-        crop_ratio=tuple(a.crop_ratio),
-        noise_p=a.noise_p,
-        noise_std=a.noise_std,
-        noise_mean=a.noise_mean,
-    )
-    return lgm.StepConfig(
-        num_classes=num_classes,
-        ipc=config.ipc,
-        aug_rounds=config.aug_rounds,
-        syn_res=config.syn_res,
-        decorrelate_colors=config.decorrelate_colors,
-        augment=aug,
-        mean=tuple(config.mean),
-        std=tuple(config.std),
-        chunk_size=config.chunk_size or None,
-        real_input=config.real_input,
-        state_sharding=config.state_sharding,
-    )
 
 
 def start_resolutions(config) -> list[int]:
@@ -117,143 +77,25 @@ def host_levels(levels) -> tuple[np.ndarray, ...]:
 def to_images(levels, config) -> np.ndarray:
     """Decoded synthetic images as uint8 [N, syn_res, syn_res, 3] from host levels."""
     x = pyramid.decode(tuple(levels), config.syn_res, config.decorrelate_colors)
-    return np.asarray(jnp.round(jnp.clip(x, 0, 1) * 255), np.uint8)
-
-
-def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> None:
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    tmp = path + ".tmp.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
+    return distilled.to_uint8(x)
 
 
 def export(levels, step: int, config, workdir: str, class_names) -> str:
-    """Write synthetic.npz and one PNG per class (atomically) from host levels."""
+    """Write the distilled set (synthetic.npz) and its pictures from host levels."""
     images = to_images(levels, config)
     labels = np.repeat(np.arange(len(class_names), dtype=np.int32), config.ipc)
-    path = os.path.join(workdir, "synthetic.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(
-        tmp,
-        images=images,
-        labels=labels,
-        class_names=np.asarray(class_names, dtype=str),
+    path = distilled.save(
+        workdir,
+        images,
+        labels,
+        class_names,
+        dataset=config.dataset,
+        backbone=config.backbone,
+        method="distilled",
         step=step,
     )
-    os.replace(tmp, path)
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-    for c in range(len(class_names)):
-        save_grid(images[labels == c], os.path.join(workdir, "images", f"class_{c}.png"))
-    save_grid(images, os.path.join(workdir, "images", "final.png"))
+    distilled.save_pictures(distilled.ImageSet(images, labels), os.path.join(workdir, "images"))
     return path
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _to_saveable(state: lgm.State) -> dict:
-    return {
-        "step": state.step,
-        "levels": list(state.levels),
-        "opt_state": state.opt_state,
-        "rng": state.rng,
-    }
-
-
-def _from_saveable(tree: dict) -> lgm.State:
-    return lgm.State(
-        step=tree["step"],
-        levels=tuple(tree["levels"]),
-        opt_state=tree["opt_state"],
-        rng=tree["rng"],
-    )
-
-
-def identity(config, num_classes: int) -> dict:
-    out = {k: _get(config, k) for k in IDENTITY_KEYS}
-    out["num_classes"] = num_classes
-    return out
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
-
-
-def checkpoint_meta(state: lgm.State, ident: dict, nonfinite_steps: int = 0) -> dict:
-    """What a checkpoint records beside the state: whose run it is and how far it got."""
-    return {
-        "identity": ident,
-        "num_levels": len(state.levels),
-        "step": int(state.step),
-        "nonfinite_steps": nonfinite_steps,
-    }
-
-
-def save_checkpoint(mngr, state, meta) -> None:
-    step = int(state.step)
-    if step in mngr.all_steps():
-        return
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)
-        ),
-    )
-    mngr.wait_until_finished()
-
-
-def grown_shapes(template: lgm.State, tx, num_levels: int, mode: str) -> lgm.State:
-    """The shapes and dtypes of the state once its pyramid has `num_levels` levels."""
-
-    def grown(state):
-        while len(state.levels) < num_levels:
-            state = lgm.grow(state, tx, mode)
-        return state
-
-    return jax.eval_shape(grown, template)
-
-
-def restore_checkpoint(mngr, config, template: lgm.State, tx, ident: dict, place):
-    """The latest checkpoint as (state, meta), or None; `place(shapes)` gives the shardings to
-    restore into. Refuses another run's checkpoint."""
-    step = mngr.latest_step()
-    if step is None:
-        return None
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved = meta.get("identity", {})
-    diffs = {k: (saved.get(k), v) for k, v in ident.items() if saved.get(k) != v}
-    if diffs:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
-        raise RunMismatch(
-            f"{mngr.directory} holds a checkpoint of a different run ({detail}). "
-            "Use a new --workdir, or set the config back to match the checkpoint."
-        )
-    # The state's structure at that step (levels grown to meta["num_levels"]), laid out as this
-    # run wants it: a checkpoint restores onto any number of devices and either layout.
-    shaped = grown_shapes(template, tx, meta["num_levels"], config.pyramid.init_mode)
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        _to_saveable(shaped),
-        _to_saveable(place(shaped)),
-    )
-    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-        "state"
-    ]
-    return _from_saveable(tree), meta
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 def grow_state(state: lgm.State, tx, mode: str, place) -> lgm.State:
@@ -263,46 +105,11 @@ def grow_state(state: lgm.State, tx, mode: str, place) -> lgm.State:
     return jax.jit(fn, out_shardings=place(jax.eval_shape(fn, state)), donate_argnums=0)(state)
 
 
-def build_backbone(config):
-    """(features_fn, params, feature_dim) for config.backbone (converted weights if given)."""
-    from lgm_jax.models import registry
-
-    if config.attention not in ("xla", "cudnn"):
-        raise ValueError(f"attention must be 'xla' or 'cudnn', got {config.attention!r}")
-    overrides = dict(
-        input_res=config.input_res,
-        dtype=config.dtype,
-        remat=config.remat,
-        remat_policy=config.remat_policy,
-        attention=config.attention,
-    )
-    backbone, params = registry.build(config.backbone, config.weights or None, **overrides)
-    return registry.features_fn(backbone), params, backbone.feature_dim
-
-
 def _real_source(config, ds, step_cfg, params, process_index, process_count):
     """A function step -> (real rows, labels) for this process, deterministic in the step."""
     per_process = step_cfg.num_real // process_count
     if config.real_input == "features":
-        from lgm_jax.data import feature_cache
-
-        if not config.feature_cache:
-            raise ValueError("real_input='features' needs --config.feature_cache=DIR")
-        # The cache must hold this backbone's (same weights) features of this dataset.
-        expect = {
-            "dataset": ds.name,
-            "backbone": config.backbone,
-            "res": config.syn_res,
-            "fingerprint": feature_cache.fingerprint(params),
-        }
-        cache = feature_cache.FeatureCache.open(config.feature_cache, expect=expect)
-
-        def from_cache(step):
-            feats, labels = cache.sample(config.seed, step, step_cfg.num_real)
-            sl = slice(process_index * per_process, (process_index + 1) * per_process)
-            return feats[sl], labels[sl]
-
-        return from_cache
+        return _cached_source(config, ds, step_cfg, params, process_index, per_process)
 
     from lgm_jax.data import pipeline
 
@@ -324,8 +131,50 @@ def _real_source(config, ds, step_cfg, params, process_index, process_count):
     return from_images
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
-    """Distil config.dataset into config.ipc images per class; returns the final state."""
+def _cached_source(config, ds, step_cfg, params, process_index, per_process):
+    from lgm_jax import feature_cache
+
+    if not config.feature_cache:
+        raise ValueError("real_input='features' needs --config.feature_cache=DIR")
+    # The cache must hold this backbone's (same weights) features of this dataset.
+    expect = {
+        "dataset": ds.name,
+        "backbone": config.backbone,
+        "syn_res": config.syn_res,
+        "fingerprint": feature_cache.fingerprint(params),
+    }
+    cache = feature_cache.FeatureCache.open(config.feature_cache, expect=expect)
+
+    def from_cache(step):
+        feats, labels = cache.sample(config.seed, step, step_cfg.num_real)
+        sl = slice(process_index * per_process, (process_index + 1) * per_process)
+        return feats[sl], labels[sl]
+
+    return from_cache
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's loop needs, made once by `setup`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    ds: object
+    step_cfg: lgm.StepConfig
+    mesh: jax.sharding.Mesh
+    params: object
+    tx: object
+    place: object
+    mngr: object
+    ident: dict
+    step_fn: object
+    real_at: object
+    is_main: bool
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, lgm.State, int]:
+    """(the run, its state, the step to start at): restored from the workdir's latest
+    checkpoint, or initialised (and the config written) when there is none."""
     from lgm_jax import data
 
     if config.get("distributed", False):
@@ -338,151 +187,209 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
     ds = data.get_dataset(config.dataset, config.data_dir or None)
     if config.get("num_classes"):
         data.check_num_classes(ds, config.num_classes)
-    num_classes = ds.num_classes
-    step_cfg = step_config(config, num_classes)
+    step_cfg = config_base.step_config(config, ds.num_classes)
     mesh = lgm.data_mesh()
     lgm.check_split(step_cfg, mesh.size)  # before anything slow
-    pidx, pcount = jax.process_index(), jax.process_count()
-    is_main = pidx == 0
-    features, params, feat_dim = build_backbone(config)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    params = jax.device_put(params, replicated)
+    backbone, params = config_base.build_backbone(config)
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     tx = lgm.optimizer(config.lr)
     by_class = step_cfg.state_sharding == "class"
     place = lambda s: lgm.state_sharding(s, mesh, by_class)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    run = Run(
+        config=config,
+        workdir=workdir,
+        ds=ds,
+        step_cfg=step_cfg,
+        mesh=mesh,
+        params=params,
+        tx=tx,
+        place=place,
+        mngr=checkpoint.manager(workdir, config.keep_checkpoints),
+        ident=checkpoint.identity(config, ds.num_classes),
+        step_fn=lgm.make_step(backbone.features, backbone.feature_dim, tx, step_cfg, mesh=mesh),
+        real_at=None,
+        is_main=pidx == 0,
+    )
+    state, start = _restore_or_init(run)
+    run.real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
+    return run, state, start
 
+
+def _restore_or_init(run: Run) -> tuple[lgm.State, int]:
+    config = run.config
     template = lgm.init_state(
         jax.random.key(config.seed),
-        step_cfg,
-        tx,
+        run.step_cfg,
+        run.tx,
         start_resolutions(config),
         config.pyramid.init_mode,
     )
-    mngr = checkpoint_manager(workdir, config)
-    ident = identity(config, num_classes)
-    restored = restore_checkpoint(mngr, config, template, tx, ident, place)
-    if restored is None:
-        # From host copies: every process holds the same template and places its part of it.
-        state, start = jax.device_put(jax.device_get(template), place(template)), 0
-        if is_main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
-    else:
+    restored = checkpoint.restore(
+        run.mngr, template, run.tx, run.ident, run.place, config.pyramid.init_mode
+    )
+    if restored is not None:
         state, _ = restored
-        start = int(state.step)
-        log.info("resumed from step %d (%d levels)", start, len(state.levels))
+        log.info("resumed from step %d (%d levels)", int(state.step), len(state.levels))
+        return state, int(state.step)
+    if run.is_main:
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    # From host copies: every process holds the same template and places its part of it.
+    return jax.device_put(jax.device_get(template), run.place(template)), 0
 
-    step_fn = lgm.make_step(features, feat_dim, tx, step_cfg, mesh=mesh)
-    real_at = _real_source(config, ds, step_cfg, params, pidx, pcount)
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
+    """Distil config.dataset into config.ipc images per class; returns the final state."""
+    r, state, start = setup(config, workdir)
+    state, nonfinite = loop(r, state, start)
+    levels = host_levels(state.levels)  # every process: may be a collective
+    if r.is_main:
+        path = export(levels, int(state.step), config, workdir, r.ds.class_names)
+        log.info("wrote %s (%d non-finite steps skipped)", path, nonfinite)
+        if config.eval.at_end:
+            evaluate_run(config, workdir)
+    return state
+
+
+def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
+    """Steps start..config.steps (the reference runs 0..steps inclusive), with growth, logs,
+    pictures, checkpoints (and one on SIGTERM, which then exits with 143); returns the final
+    state and how many non-finite steps were skipped."""
+    config, last = r.config, r.config.steps
+    sharded = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec("data"))
 
     def load(step):  # runs ahead of the step loop in a thread
-        real, labels = real_at(step)
+        real, labels = r.real_at(step)
         real = jax.make_array_from_process_local_data(sharded, np.asarray(real))
         labels = jax.make_array_from_process_local_data(sharded, np.asarray(labels, np.int32))
         return real, labels
 
-    writer = _summary_writer(workdir) if is_main else None
+    logger = _Logger(r, start)
+    guard = NonFiniteGuard(config.max_nonfinite, r.mngr.directory)
     stop = {"sigterm": False}
     old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    guard = NonFiniteGuard(config.max_nonfinite, mngr.directory)
-
-    def checkpoint(s):
-        guard.check()  # never write a checkpoint past a run of failures
-        save_checkpoint(mngr, s, checkpoint_meta(s, ident, guard.total))
-
-    tracer = None
-    if is_main and config.profile.start >= start:
-        tracer = profiling.StepTracer(
-            os.path.join(workdir, "profile"), config.profile.start, config.profile.steps
-        )
-    t_last, s_last = time.time(), start
-    last = config.steps  # the reference runs steps 0..steps inclusive
-    batches = data.prefetch_map(load, range(start, last + 1), config.prefetch)
+    tracer = _tracer(r, start)
+    batches = prefetch_map(load, range(start, last + 1), config.prefetch)
     try:
         for step, (real, labels) in zip(range(start, last + 1), batches):
-            finest = state.levels[-1].shape[1]
-            if should_grow(config, step, finest):
-                state = grow_state(state, tx, config.pyramid.init_mode, place)
-                log.info("step %d: pyramid grows to %d px", step, finest * 2)
-                if tracer is not None and tracer.active:
-                    log.warning(
-                        "the pyramid grew inside the profiled steps: the profile's wall time "
-                        "holds a compilation; choose another profile.start"
-                    )
-            if tracer is not None:
-                tracer.before(step, state)
-            state, metrics = step_fn(state, params, real, labels)
-            if tracer is not None:
-                hlo = functools.partial(_hlo_text, step_fn, state, params, real, labels)
-                if (summary := tracer.after(step, state, hlo)) is not None:
-                    log.info("profile of steps %d..%d (%s):", tracer.start, step, tracer.folder)
-                    log.info("\n%s", profiling.format_summary(summary))
+            state = _maybe_grow(r, state, step, tracer)
+            state, metrics = _traced_step(r, state, step, real, labels, tracer)
             guard.push(step, metrics["finite"])
             done = step + 1
             if done % config.log_every == 0 or step == last:
-                m = jax.device_get(metrics)  # the one host sync every log_every steps
-                guard.check()
-                now = time.time()
-                rate = (done - s_last) / max(now - t_last, 1e-9)
-                t_last, s_last = now, done
-                eta = (last + 1 - done) / max(rate, 1e-9)
-                if is_main:
-                    log.info(
-                        "step %5d/%d  loss %.5f  %.2f steps/s  %.0f img/s  levels %d  ETA %s",
-                        step,
-                        last,
-                        float(m["loss"]),
-                        rate,
-                        rate * 2 * step_cfg.num_real,
-                        len(state.levels),
-                        time.strftime("%H:%M:%S", time.gmtime(eta)),
-                    )
-                    _write_scalars(
-                        writer,
-                        done,
-                        {
-                            "loss": float(m["loss"]),
-                            "steps_per_s": rate,
-                            "images_per_s": rate * 2 * step_cfg.num_real,
-                            "nonfinite_steps": guard.total,
-                        },
-                    )
+                logger.log(step, jax.device_get(metrics), guard, len(state.levels))
             if config.image_every and done % config.image_every == 0:
-                levels = host_levels(state.levels)  # every process: may be a collective
-                if is_main:
-                    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-                    save_grid(
-                        to_images(levels, config),
-                        os.path.join(workdir, "images", f"step_{done:06d}.png"),
-                    )
+                _save_step_grid(r, state, done)
             if stop["sigterm"]:
                 log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
-                checkpoint(state)
+                _checkpoint(r, state, guard)
                 raise SystemExit(143)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                checkpoint(state)
-        checkpoint(state)
+                _checkpoint(r, state, guard)
+        _checkpoint(r, state, guard)
     finally:
         if tracer is not None:
             tracer.close()
         batches.close()
         signal.signal(signal.SIGTERM, old_handler)
-        if writer is not None:
-            writer.close()
-    levels = host_levels(state.levels)
-    if is_main:
-        path = export(levels, int(state.step), config, workdir, ds.class_names)
-        log.info("wrote %s (%d non-finite steps skipped)", path, guard.total)
-        if config.eval.at_end:
-            evaluate_run(config, workdir)
+        logger.close()
+    return state, guard.total
+
+
+def _checkpoint(r: Run, state, guard) -> None:
+    guard.check()  # never write a checkpoint past a run of failures
+    checkpoint.save(r.mngr, state, checkpoint.record(state, r.ident, guard.total))
+
+
+def _maybe_grow(r: Run, state, step: int, tracer):
+    finest = state.levels[-1].shape[1]
+    if not should_grow(r.config, step, finest):
+        return state
+    state = grow_state(state, r.tx, r.config.pyramid.init_mode, r.place)
+    log.info("step %d: pyramid grows to %d px", step, finest * 2)
+    if tracer is not None and tracer.active:
+        log.warning(
+            "the pyramid grew inside the profiled steps: the profile's wall time holds a "
+            "compilation; choose another profile.start"
+        )
     return state
+
+
+def _tracer(r: Run, start: int):
+    if not r.is_main or r.config.profile.start < start:
+        return None
+    folder = os.path.join(r.workdir, "profile")
+    return profiling.StepTracer(folder, r.config.profile.start, r.config.profile.steps)
+
+
+def _traced_step(r: Run, state, step: int, real, labels, tracer):
+    if tracer is not None:
+        tracer.before(step, state)
+    state, metrics = r.step_fn(state, r.params, real, labels)
+    if tracer is not None:
+        hlo = functools.partial(_hlo_text, r.step_fn, state, r.params, real, labels)
+        if (summary := tracer.after(step, state, hlo)) is not None:
+            log.info("profile of steps %d..%d (%s):", tracer.start, step, tracer.folder)
+            log.info("\n%s", profiling.format_summary(summary))
+    return state, metrics
+
+
+def _save_step_grid(r: Run, state, done: int) -> None:
+    levels = host_levels(state.levels)  # every process: may be a collective
+    if r.is_main:
+        os.makedirs(os.path.join(r.workdir, "images"), exist_ok=True)
+        path = os.path.join(r.workdir, "images", f"step_{done:06d}.png")
+        distilled.save_grid(to_images(levels, r.config), path)
 
 
 def _hlo_text(step_fn, *args) -> str:
     """The optimised HLO of the step compiled for these arguments (the persistent compilation
     cache usually holds it)."""
     return step_fn.lower(*args).compile().as_text()
+
+
+class _Logger:
+    """The progress line (loss, steps/s, images/s, ETA) and TensorBoard scalars, every
+    log_every steps; the metrics are read from the device only then."""
+
+    def __init__(self, r: Run, start: int):
+        self.r, self.t_last, self.s_last = r, time.time(), start
+        self.writer = _summary_writer(r.workdir) if r.is_main else None
+
+    def log(self, step: int, m: dict, guard, num_levels: int) -> None:
+        guard.check()
+        now, done, last = time.time(), step + 1, self.r.config.steps
+        rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.s_last = now, done
+        if not self.r.is_main:
+            return
+        eta = (last + 1 - done) / max(rate, 1e-9)
+        images_per_s = rate * 2 * self.r.step_cfg.num_real
+        log.info(
+            "step %5d/%d  loss %.5f  %.2f steps/s  %.0f img/s  levels %d  ETA %s",
+            step,
+            last,
+            float(m["loss"]),
+            rate,
+            images_per_s,
+            num_levels,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
+        scalars = {
+            "loss": float(m["loss"]),
+            "steps_per_s": rate,
+            "images_per_s": images_per_s,
+            "nonfinite_steps": guard.total,
+        }
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, done)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class NonFiniteGuard:
@@ -528,7 +435,6 @@ def evaluate_run(config, workdir: str) -> dict:
         seeds=config.eval.seeds,
         epochs=config.eval.epochs,
         mode=config.eval.mode,
-        input_res=config.syn_res,
         data_dir=config.data_dir or None,
     )
     log.info("evaluation: %s", evaluate.format_row(result))
@@ -541,11 +447,3 @@ def _summary_writer(workdir):
     except ImportError:  # metrics still go to the log
         return None
     return SummaryWriter(workdir)
-
-
-def _write_scalars(writer, step, scalars):
-    if writer is None:
-        return
-    for k, v in scalars.items():
-        writer.add_scalar(k, v, step)
-    writer.flush()

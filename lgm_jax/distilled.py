@@ -23,6 +23,7 @@ import numpy as np
 from lgm_jax.errors import InputError
 
 FILENAME = "synthetic.npz"
+SYN_RES = 256  # the side of distilled (and baseline) images in real runs
 META_KEYS = ("dataset", "backbone", "method", "step")
 
 

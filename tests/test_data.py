@@ -78,7 +78,7 @@ def test_resize_shorter_antialiases():
 
 def test_train_batches_are_crops_of_resized_images(folder):
     res = 16
-    batch = next(data.train_iterator(folder, 5, seed=0, res=res))
+    batch = next(data.train_iterator(folder, 5, seed=0, crop=res))
     assert batch["image"].shape == (5, res, res, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (5,)
     src = folder.source("train")
@@ -96,9 +96,9 @@ def test_train_batches_are_crops_of_resized_images(folder):
 
 def test_train_iterator_deterministic_epochs(flat_folder):
     n, b = len(flat_folder.source("train")), 5
-    a = _take(data.train_iterator(flat_folder, b, seed=3, res=8), 8)
-    again = _take(data.train_iterator(flat_folder, b, seed=3, res=8), 8)
-    other = _take(data.train_iterator(flat_folder, b, seed=4, res=8), 8)
+    a = _take(data.train_iterator(flat_folder, b, seed=3, crop=8), 8)
+    again = _take(data.train_iterator(flat_folder, b, seed=3, crop=8), 8)
+    other = _take(data.train_iterator(flat_folder, b, seed=4, crop=8), 8)
     assert _equal(a, again) and not _equal(a, other)
     per_epoch = n // b  # remainder dropped
     epochs = [
@@ -110,11 +110,11 @@ def test_train_iterator_deterministic_epochs(flat_folder):
 
 
 def test_train_iterator_resumes_exactly(flat_folder):
-    it = data.train_iterator(flat_folder, 4, seed=0, res=8)
+    it = data.train_iterator(flat_folder, 4, seed=0, crop=8)
     _take(it, 3)
     state = it.get_state()
     rest = _take(it, 7)  # crosses an epoch boundary (21 train images -> 5 batches per epoch)
-    resumed = data.train_iterator(flat_folder, 4, seed=0, res=8)
+    resumed = data.train_iterator(flat_folder, 4, seed=0, crop=8)
     resumed.set_state(state)
     assert _equal(rest, _take(resumed, 7))
 
@@ -125,7 +125,7 @@ def test_process_shards_are_disjoint_and_cover(flat_folder):
     assert not set(shards[0]) & set(shards[1])
     assert sorted(np.concatenate(shards).tolist()) == list(range(n))
     for p in range(2):
-        it = data.train_iterator(flat_folder, 3, seed=0, res=8, process_index=p, process_count=2)
+        it = data.train_iterator(flat_folder, 3, seed=0, crop=8, process_index=p, process_count=2)
         seen = np.concatenate([x["index"] for x in _take(it, 6)])
         assert set(seen.tolist()) <= set(shards[p].tolist())
     with pytest.raises(ValueError, match="larger than"):
@@ -140,18 +140,18 @@ def test_corrupt_image_is_skipped_and_counted(folder, caplog):
         src[bad[0]]
     before = data.skipped_images()
     with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-        batches = _take(data.train_iterator(folder, 4, seed=1, res=8), 8)  # 2 epochs
+        batches = _take(data.train_iterator(folder, 4, seed=1, crop=8), 8)  # 2 epochs
     seen = np.concatenate([x["index"] for x in batches])
     assert bad[0] not in seen and all(x["image"].shape == (4, 8, 8, 3) for x in batches)
     assert data.skipped_images() == before + 1
     assert "corrupt" in caplog.text and "broken.jpg" in caplog.text
-    images, labels = data.load_split_arrays(folder, "train", res=8, resize=8)
+    images, labels = data.load_split_arrays(folder, "train", crop=8, resize=8)
     assert len(images) == len(labels) == 15  # 16 files, one unreadable
 
 
 def test_eval_iterator_pads_and_masks(folder):
     src = folder.source("test")
-    batches = list(data.eval_iterator(folder, "test", 4, res=12, resize=16))
+    batches = list(data.eval_iterator(folder, "test", 4, crop=12, resize=16))
     assert len(batches) == 2 and [b["mask"].sum() for b in batches] == [4, 3]
     last = batches[-1]
     assert last["image"].shape == (4, 12, 12, 3) and not last["mask"][-1]
@@ -162,14 +162,14 @@ def test_eval_iterator_pads_and_masks(folder):
     per = [
         list(
             data.eval_iterator(
-                folder, "test", 2, res=12, resize=16, process_index=p, process_count=2
+                folder, "test", 2, crop=12, resize=16, process_index=p, process_count=2
             )
         )
         for p in range(2)
     ]
     assert len(per[0]) == len(per[1]) == data.num_eval_batches(7, 2, 2) == 2
     assert sum(int(b["mask"].sum()) for bs in per for b in bs) == 7
-    images, labels = data.load_split_arrays(folder, "test", res=12, resize=16)
+    images, labels = data.load_split_arrays(folder, "test", crop=12, resize=16)
     assert images.shape == (7, 12, 12, 3) and labels.dtype == np.int32
     np.testing.assert_array_equal(labels, src.labels)
 
@@ -188,7 +188,7 @@ def test_mnist_demo_loads_without_network(monkeypatch):
     assert np.array_equal(ex["image"][..., 0], ex["image"][..., 2])
     assert set(np.unique(test.labels)) == set(range(10))
     assert np.array_equal(data.mnist_demo().source("test").labels, test.labels)
-    batch = next(data.train_iterator(ds, 8, seed=0, res=32))
+    batch = next(data.train_iterator(ds, 8, seed=0, crop=32))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].max() > 128
 
 
@@ -201,9 +201,9 @@ def test_tfds_source_with_mock_data():
         assert (
             len(src) == 6 and src[0]["image"].dtype == np.uint8 and src[0]["image"].shape[-1] == 3
         )
-        batch = next(data.train_iterator(ds, 4, seed=0, res=16))
+        batch = next(data.train_iterator(ds, 4, seed=0, crop=16))
         assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].max() < 102
-        test = next(data.eval_iterator(ds, "test", 4, res=12, resize=14))
+        test = next(data.eval_iterator(ds, "test", 4, crop=12, resize=14))
         assert test["image"].shape == (4, 12, 12, 3) and test["mask"].all()
 
 
@@ -245,8 +245,8 @@ def test_bad_input_errors(tmp_path):
 def test_train_batches_do_not_depend_on_the_decoding_threads(folder):
     src = folder.source("train")
     idx = data.shard_indices(len(src), 0, 1)
-    one = pipeline.TrainBatches(src, idx, 4, seed=2, res=8, threads=1)
-    many = pipeline.TrainBatches(src, idx, 4, seed=2, res=8, threads=4)
+    one = pipeline.TrainBatches(src, idx, 4, seed=2, crop=8, threads=1)
+    many = pipeline.TrainBatches(src, idx, 4, seed=2, crop=8, threads=4)
     # 15 readable of 16 over 3 epochs: the corrupt image's slot is refilled the same way.
     a, b = [one(k) for k in range(9)], [many(k) for k in range(9)]
     assert _equal(a, b)

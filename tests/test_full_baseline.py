@@ -15,7 +15,7 @@ from lgm_jax.data import sources
 
 
 def loader(source, res=SRC):
-    return lambda idx, mask, epoch: data.read_batch(source, idx, res=res, resize=res, mask=mask)
+    return lambda idx, mask, epoch: data.read_batch(source, idx, crop=res, resize=res, mask=mask)
 
 
 def test_streamed_probe_equals_the_in_memory_probe():
@@ -157,13 +157,13 @@ def test_random_crops_are_drawn_per_epoch_and_image():
     images = rng.integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
     src = sources.ArraySource(images, np.arange(3))
     read = lambda idx, seed: data.read_batch(
-        src, np.asarray(idx), res=32, resize=32, crop_seed=seed
+        src, np.asarray(idx), crop=32, resize=32, crop_seed=seed
     )["image"]
     a, b = read([0, 1, 2], (0, 1)), read([0, 1, 2], (0, 2))
     np.testing.assert_array_equal(a, read([0, 1, 2], (0, 1)))  # reproducible
     assert any(not np.array_equal(a[k], b[k]) for k in range(3))  # another epoch, other crops
     np.testing.assert_array_equal(read([2, 0], (0, 1)), a[[2, 0]])  # per image, not per row
-    centre = data.read_batch(src, np.arange(3), res=32, resize=32)["image"]
+    centre = data.read_batch(src, np.arange(3), crop=32, resize=32)["image"]
     full = data.resize_shorter(images[0], 32)  # 32 x 48
     np.testing.assert_array_equal(centre[0], full[:, 8:40])
     offsets = {

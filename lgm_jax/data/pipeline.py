@@ -1,12 +1,12 @@
 """grain pipelines over a `Dataset`: infinite shuffled training batches and finite eval passes.
 
 Training (SPEC "Datasets", "Differentiable augmentation"): each image's shorter side is resized to
-`res` (bilinear, antialiased) and a random res x res crop is taken; batches come from shuffled
+`crop` (bilinear, antialiased) and a random crop x crop window is taken; batches come from shuffled
 epochs with the remainder dropped (uniform over the data, not class-balanced). Every batch is a
 pure function of (seed, process, batch number), so a run is deterministic and a grain iterator
 restored with `set_state` continues exactly where it stopped.
 
-Evaluation: shorter side resized to `resize`, centre crop `res`; every process yields the same
+Evaluation: shorter side resized to `resize`, centre crop `crop`; every process yields the same
 number of fixed-size batches, the last padded, with `mask` marking the real rows, so a jitted
 evaluation never recompiles and all processes step together.
 
@@ -73,10 +73,10 @@ def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
-def random_crop(image: np.ndarray, res: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(image: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
-    y, x = rng.integers(0, h - res + 1), rng.integers(0, w - res + 1)
-    return image[y : y + res, x : x + res]
+    y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+    return image[y : y + crop, x : x + crop]
 
 
 def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
 
 
 class TrainBatches:
-    """Batch number k -> {"image": uint8 [B, res, res, 3], "label": int32 [B], "index": int32 [B]}.
+    """Batch k -> {"image": uint8 [B, crop, crop, 3], "label": int32 [B], "index": int32 [B]}.
 
     Epoch e = k // batches_per_epoch is a permutation of this process's shard seeded by
     (seed, process, e); batch j of it takes positions [jB, (j+1)B) and the rest is dropped.
@@ -96,9 +96,9 @@ class TrainBatches:
     the batch does not depend on how many.
     """
 
-    def __init__(self, source, indices, batch_size, seed, res, process_index=0, threads=0):
+    def __init__(self, source, indices, batch_size, seed, crop, process_index=0, threads=0):
         self.source, self.indices = source, np.asarray(indices)
-        self.batch_size, self.seed, self.res = batch_size, seed, res
+        self.batch_size, self.seed, self.crop = batch_size, seed, crop
         self.process_index = process_index
         self.threads = threads or min(32, os.cpu_count() or 1)
         self.per_epoch = len(self.indices) // batch_size
@@ -155,7 +155,7 @@ class TrainBatches:
             if ex is None:
                 return None
             rng = np.random.default_rng([self.seed, self.process_index, 1 << 30, int(k), row])
-            return random_crop(resize_shorter(ex["image"], self.res), self.res, rng), ex, i
+            return random_crop(resize_shorter(ex["image"], self.crop), self.crop, rng), ex, i
 
         loaded = self._map(load, list(enumerate(order[j * b : (j + 1) * b])))
         images, labels, index = [], [], []
@@ -181,7 +181,7 @@ def train_iterator(
     batch_size: int,
     *,
     seed: int,
-    res: int = 256,
+    crop: int = 256,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
@@ -191,7 +191,7 @@ def train_iterator(
 ):
     """An infinite grain iterator of this process's training batches.
 
-    Yields {"image": uint8 [B, res, res, 3], "label": int32 [B], "index": int32 [B]} with
+    Yields {"image": uint8 [B, crop, crop, 3], "label": int32 [B], "index": int32 [B]} with
     B = batch_size (per process) and "index" the image's position in the split. Supports
     `get_state()` / `set_state(state)` (a small dict) for checkpointing. `num_workers` > 0 decodes
     in that many worker processes (grain mp_prefetch); `decode_threads` decode one batch's
@@ -203,7 +203,7 @@ def train_iterator(
         shard_indices(len(source), process_index, process_count),
         batch_size,
         seed,
-        res,
+        crop,
         process_index,
         threads=decode_threads,
     )
@@ -221,13 +221,13 @@ def train_iterator(
     return iter(ids)
 
 
-def read_batch(source, indices, *, res: int, resize: int, mask=None, crop_seed=None) -> dict:
-    """{"image": uint8 [B, res, res, 3], "label": int32 [B], "mask": bool [B]} of source[i] for
-    the B given indices: shorter side resized to `resize`, then a centre crop `res`, or with
+def read_batch(source, indices, *, crop: int, resize: int, mask=None, crop_seed=None) -> dict:
+    """{"image": uint8 [B, crop, crop, 3], "label": int32 [B], "mask": bool [B]} of source[i] for
+    the B given indices: shorter side resized to `resize`, then a centre crop `crop`, or with
     `crop_seed` (a tuple of ints) a random one drawn from (*crop_seed, i). Rows whose `mask` is
     False are not read; they and corrupt images are zero with mask False."""
     b = len(indices)
-    images = np.zeros((b, res, res, 3), np.uint8)
+    images = np.zeros((b, crop, crop, 3), np.uint8)
     labels = np.zeros((b,), np.int32)
     ok = np.zeros((b,), bool)
     for row, i in enumerate(indices):
@@ -237,27 +237,27 @@ def read_batch(source, indices, *, res: int, resize: int, mask=None, crop_seed=N
         if ex is not None:
             image = resize_shorter(ex["image"], resize)
             if crop_seed is None:
-                images[row] = centre_crop(image, res)
+                images[row] = centre_crop(image, crop)
             else:
                 rng = np.random.default_rng([*crop_seed, int(i)])
-                images[row] = random_crop(image, res, rng)
+                images[row] = random_crop(image, crop, rng)
             labels[row], ok[row] = ex["label"], True
     return {"image": images, "label": labels, "mask": ok}
 
 
 class EvalBatches:
-    """Batch number k -> {"image": uint8 [B, res, res, 3], "label": int32 [B], "mask": bool [B]}."""
+    """Batch k -> {"image": uint8 [B, crop, crop, 3], "label": int32 [B], "mask": bool [B]}."""
 
-    def __init__(self, source, indices, batch_size, res, resize):
+    def __init__(self, source, indices, batch_size, crop, resize):
         self.source, self.indices = source, np.asarray(indices)
-        self.batch_size, self.res, self.resize = batch_size, res, resize
+        self.batch_size, self.crop, self.resize = batch_size, crop, resize
 
     def __call__(self, k: int) -> dict:
         b = self.batch_size
         idx = self.indices[k * b : (k + 1) * b]
         idx = np.concatenate([idx, np.zeros((b - len(idx),), idx.dtype)])
         mask = np.arange(b) < len(self.indices) - k * b
-        return read_batch(self.source, idx, res=self.res, resize=self.resize, mask=mask)
+        return read_batch(self.source, idx, crop=self.crop, resize=self.resize, mask=mask)
 
 
 def num_eval_batches(n: int, batch_size: int, process_count: int = 1) -> int:
@@ -271,7 +271,7 @@ def eval_iterator(
     split: str = "test",
     batch_size: int = 256,
     *,
-    res: int = 224,
+    crop: int = 224,
     resize: int = 256,
     process_index: int = 0,
     process_count: int = 1,
@@ -279,11 +279,11 @@ def eval_iterator(
 ):
     """One pass over this process's shard of `split` in fixed-size batches (see `EvalBatches`);
     padded rows have mask False (and zero image and label)."""
-    if resize < res:
-        raise ValueError(f"resize ({resize}) must be at least the crop ({res})")
+    if resize < crop:
+        raise ValueError(f"resize ({resize}) must be at least the crop ({crop})")
     source = ds.source(split)
     batches = EvalBatches(
-        source, shard_indices(len(source), process_index, process_count), batch_size, res, resize
+        source, shard_indices(len(source), process_index, process_count), batch_size, crop, resize
     )
     n = num_eval_batches(len(source), batch_size, process_count)
     import grain
@@ -292,11 +292,11 @@ def eval_iterator(
     return iter(mds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
 
-def load_split_arrays(ds: Dataset, split: str, res: int = 224, resize: int = 256, batch_size=256):
-    """A whole split in memory (small datasets): uint8 [N, res, res, 3] and int32 [N] (corrupt
+def load_split_arrays(ds: Dataset, split: str, crop: int = 224, resize: int = 256, batch_size=256):
+    """A whole split in memory (small datasets): uint8 [N, crop, crop, 3] and int32 [N] (corrupt
     images left out)."""
     images, labels = [], []
-    for batch in eval_iterator(ds, split, batch_size, res=res, resize=resize):
+    for batch in eval_iterator(ds, split, batch_size, crop=crop, resize=resize):
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     return np.concatenate(images), np.concatenate(labels)
