@@ -23,8 +23,10 @@ def report(e: BaseException) -> int:
 
 
 def run_command(main: Callable[[], int | None]) -> int:
-    """Run a command's body; an InputError (or FileNotFoundError) becomes one line and exit 2."""
+    """Run a command's body; its exit status is what it returns when that is an int, else 0. An
+    InputError (or FileNotFoundError) becomes one line on stderr and exit status 2."""
     try:
-        return main() or 0
+        status = main()
     except (InputError, FileNotFoundError) as e:
         return report(e)
+    return status if isinstance(status, int) else 0

@@ -25,18 +25,11 @@ def golden_dir():
 
 @pytest.fixture(scope="session")
 def tiny_vit():
-    """A tiny random DINOv2-style ViT at 28 px (2x2 patches of 14): (model, params, cfg).
+    """The registry's tiny DINOv2 (28 px: 2x2 patches of 14), 32 wide: (model, params, config).
 
     Without layer scale: DINOv2's initial 1e-5 layer scale makes a random network's CLS token
     nearly blind to the image, and the gradients the tests compare would be almost zero."""
-    import jax
-    import jax.numpy as jnp
+    from lgm_jax.models import registry, vit
 
-    from lgm_jax.models import dinov2, vit
-
-    cfg = dinov2.variant("S/14").replace(
-        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, input_res=28, layer_scale=False
-    )
-    model = vit.ViT(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
-    return model, params, cfg
+    backbone, params = registry.build("dinov2_tiny", width=32, mlp_dim=64, layer_scale=False)
+    return vit.ViT(backbone.config), params, backbone.config

@@ -8,7 +8,7 @@ processes joined with `jax.distributed`:
 
 It loads the inputs instead of initialising the model again (eager initialisation costs more
 CPU than the steps), puts its own contiguous block of the global real batch on its local devices
-as `distill.run` does, saves the final state with orbax (every process its part, into one
+as the distillation run does, saves the final state with orbax (every process its part, into one
 directory), restores it from that checkpoint alone, and writes the restored levels (gathered
 from every process's devices when the state is class-sharded) and the step losses to OUT.npz.
 """
@@ -27,13 +27,10 @@ def build(state_sharding: str = "replicated"):
     """The static part: (model, features, step config, optimizer). Class-sharded state has two
     images per class, so that its 8 synthetic images split over the 8 devices."""
     from lgm_jax import augment, lgm
-    from lgm_jax.models import dinov2, vit
+    from lgm_jax.models import registry, vit
 
-    vcfg = dinov2.variant("S/14").replace(
-        width=32, depth=2, heads=2, mlp_dim=64, pos_grid=4, input_res=28, layer_scale=False
-    )
-    model = vit.ViT(vcfg)
-    features = lambda p, x: model.apply({"params": p}, x)
+    backbone = registry.get("dinov2_tiny", width=32, mlp_dim=64, layer_scale=False)
+    model, features = vit.ViT(backbone.config), backbone.features
     cfg = lgm.StepConfig(
         num_classes=4,
         ipc=2 if state_sharding == "class" else 1,
@@ -101,8 +98,9 @@ def run_steps(
     params, state, real, labels = inputs
     mesh = lgm.data_mesh()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    # As distill.run does: the state (its key included, as raw key data) and the parameters are
-    # plain arrays over devices that span both processes; the state replicated or split by image.
+    # As the distillation run does: the state (its key included, as raw key data) and the
+    # parameters are plain arrays over devices that span both processes; the state replicated
+    # or split by image.
     place = lambda s: lgm.state_sharding(s, mesh, state_sharding == "class")
     state = jax.device_put(state, place(state))
     params = jax.device_put(params, replicated)
@@ -127,14 +125,13 @@ def _save_and_restore(state, cfg, tx, place, ckpt_dir):
     restores it (into the same layout) from the checkpoint alone."""
     import jax
 
-    from lgm_jax import config_base, distill, lgm
+    from lgm_jax import checkpoint, lgm
 
-    config = config_base.base()
-    mngr = distill.checkpoint_manager(ckpt_dir, config)
+    mngr = checkpoint.manager(ckpt_dir, keep=3)
     ident = {"run": "multiprocess"}
-    distill.save_checkpoint(mngr, state, distill.checkpoint_meta(state, ident))
+    checkpoint.save(mngr, state, checkpoint.record(state, ident))
     template = jax.eval_shape(lambda: lgm.init_state(jax.random.key(0), cfg, tx, start_res=[1, 2]))
-    restored, _ = distill.restore_checkpoint(mngr, config, template, tx, ident, place)
+    restored, _ = checkpoint.restore(mngr, template, tx, ident, place, "noise")
     assert int(restored.step) == int(state.step) and len(restored.levels) == len(state.levels)
     for new, old in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
         assert new.sharding.is_equivalent_to(old.sharding, old.ndim), (new.sharding, old.sharding)

@@ -6,8 +6,8 @@ import pytest
 from test_evaluate import SRC, colour_images, fake_registries, write_run  # noqa: F401
 
 from lgm_jax import baselines as bl
-from lgm_jax import evaluate as ev
-from lgm_jax import probe
+from lgm_jax import config_base, distilled, probe
+from lgm_jax.errors import InputError
 
 
 def test_centroid_picks_the_image_nearest_the_class_mean():
@@ -34,7 +34,7 @@ def test_random_is_one_per_class_and_changes_with_the_seed():
     for idx in picks:
         np.testing.assert_array_equal(labels[idx], [0, 1, 2])
     assert len({tuple(i) for i in picks}) > 1
-    with pytest.raises(ev.InputError, match="class 3 has no training images"):
+    with pytest.raises(InputError, match="class 3 has no training images"):
         bl.random_indices(labels, 4, np.random.default_rng(0))
 
 
@@ -43,7 +43,7 @@ def test_gather_keeps_order_across_padded_batches():
     batches = lambda: probe.array_batches(images.astype(np.uint8), np.zeros(7, np.int32), 3)
     out = bl.gather(batches(), [6, 0, 3, 3])
     np.testing.assert_array_equal(out[:, 0, 0, 0], [6, 0, 3, 3])
-    with pytest.raises(ev.InputError, match="past the 7 images"):
+    with pytest.raises(InputError, match="past the 7 images"):
         bl.gather(batches(), [7])
 
 
@@ -53,21 +53,20 @@ def test_selection_commands_end_to_end(tmp_path, fake_registries, monkeypatch): 
 
     rng = np.random.default_rng(7)
     train_x, train_y = colour_images(24, 4, rng)
-    monkeypatch.setattr(ev, "SYN_RES", SRC)
     sizes = []  # the image sizes the commands ask the train stream for
     monkeypatch.setattr(
         data,
         "eval_iterator",
-        lambda ds, split, bs, res, resize: (
-            sizes.append((res, resize)),
+        lambda ds, split, bs, crop, resize: (
+            sizes.append((crop, resize)),
             probe.array_batches(train_x, train_y, bs),
         )[1],
     )
-    paths = bl.run_random("colours", str(tmp_path / "random"), seeds=2, batch_size=5)
+    paths = bl.run_random("colours", str(tmp_path / "random"), seeds=2, batch_size=5, syn_res=SRC)
     for path in paths:
-        images, labels, meta = ev.load_distilled(path)
-        assert images.shape == (4, SRC, SRC, 3) and sorted(labels) == [0, 1, 2, 3]
-        assert meta["method"] == "random" and meta["dataset"] == "colours"
+        s = distilled.load(path)
+        assert s.images.shape == (4, SRC, SRC, 3) and sorted(s.labels) == [0, 1, 2, 3]
+        assert s.meta["method"] == "random" and s.meta["dataset"] == "colours"
 
     path = bl.main(
         [
@@ -80,43 +79,44 @@ def test_selection_commands_end_to_end(tmp_path, fake_registries, monkeypatch): 
             str(tmp_path / "cent"),
             "--batch-size",
             "5",
+            "--syn-res",
+            str(SRC),
         ]
     )
     assert path == 0
-    images, labels, meta = ev.load_distilled(str(tmp_path / "cent"))
-    np.testing.assert_array_equal(labels, [0, 1, 2, 3])
+    cent = distilled.load(str(tmp_path / "cent"))
+    np.testing.assert_array_equal(cent.labels, [0, 1, 2, 3])
+    from lgm_jax.models import registry  # the stand-in of fake_registries
+
+    backbone, params = registry.build("tiny")
     feats, _ = bl.embed(
-        bl.ev.build_backbone("tiny")[0],
-        bl.ev.build_backbone("tiny")[1],
+        backbone.features,
+        params,
         probe.array_batches(train_x, train_y, 5),
-        ev.probe_config(4, 28, probe.lgm.IMAGENET_MEAN, probe.lgm.IMAGENET_STD, epochs=1),
+        config_base.probe_config(backbone, 4, epochs=1),
     )
     want = bl.centroid_indices(feats, train_y, 4)
-    np.testing.assert_array_equal(images, train_x[want])
+    np.testing.assert_array_equal(cent.images, train_x[want])
 
     # Neighbours of a "distilled" set made of train images are those very images.
     write_run(tmp_path / "run", train_x[[5, 2]], train_y[[5, 2]], dataset="colours")
-    with pytest.raises(ev.InputError, match="2 classes but colours has 4"):
+    with pytest.raises(InputError, match="2 classes but colours has 4"):
         bl.run_neighbors(str(tmp_path / "run"), "tiny", str(tmp_path / "nb"))
     write_run(tmp_path / "run", train_x[[5, 2, 0, 3]], train_y[[5, 2, 0, 3]], dataset="colours")
     bl.run_neighbors(str(tmp_path / "run"), "tiny", str(tmp_path / "nb"), batch_size=5)
-    images, labels, _ = ev.load_distilled(str(tmp_path / "nb"))
-    np.testing.assert_array_equal(images, train_x[[5, 2, 0, 3]])
+    np.testing.assert_array_equal(
+        distilled.load(str(tmp_path / "nb")).images, train_x[[5, 2, 0, 3]]
+    )
     assert sizes[-1] == (SRC, SRC)  # neighbours at the distilled images' size
-    bl.run_random("colours", str(tmp_path / "r7"), seeds=1, batch_size=5, image_res=7)
+    bl.run_random("colours", str(tmp_path / "r7"), seeds=1, batch_size=5, syn_res=7)
     assert sizes[-1] == (7, 7)
 
 
 def test_report_table_and_chart(tmp_path):
-    import importlib.util
     import json
-    import os
 
-    spec = importlib.util.spec_from_file_location(
-        "report", os.path.join(os.path.dirname(__file__), "..", "tools", "report.py")
-    )
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    from lgm_jax import report
+
     rows = [
         ("distilled", "dinov2", "dinov2", 91.5),
         ("random", "dinov2", None, 74.8),

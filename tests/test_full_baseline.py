@@ -6,12 +6,12 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_evaluate import PARAMS, RES, SRC, colour_images, features, tiny_cfg
+from test_evaluate import BACKBONE, PARAMS, RES, SRC, colour_images, features, tiny_cfg
 
 from lgm_jax import baselines as bl
-from lgm_jax import data, lgm, probe
-from lgm_jax import evaluate as ev
+from lgm_jax import data, distilled, probe
 from lgm_jax.data import sources
+from lgm_jax.models import registry
 
 
 def loader(source, res=SRC):
@@ -123,9 +123,8 @@ def test_full_baseline_end_to_end(tmp_path, monkeypatch, capsys):
         ),
     )
     monkeypatch.setattr(data, "get_dataset", lambda name, data_dir=None: ds)
-    backbone = (features, PARAMS, 32, RES, lgm.IMAGENET_MEAN, lgm.IMAGENET_STD)
-    monkeypatch.setattr(ev, "build_backbone", lambda name, weights=None: backbone)
-    monkeypatch.setattr(ev, "SYN_RES", SRC)  # train images kept at 32 px, cropped to 28
+    monkeypatch.setattr(registry, "build", lambda name, weights=None: (BACKBONE, PARAMS))
+    monkeypatch.setattr(distilled, "SYN_RES", SRC)  # train images kept at 32 px, cropped to 28
     out = tmp_path / "full"
     argv = ["full", "--dataset", "colours", "--backbone", "tiny", "--out", str(out)]
     argv += ["--epochs", "15", "--batch", "8", "--lr", "0.01", "--workers", "2"]
