@@ -1,14 +1,18 @@
-"""A cache of frozen-backbone features of augmented real training images.
+"""The real-feature cache: frozen-backbone features of augmented real training images, built once
+(`build`, the command below) and drawn from by a run with real_input="features" (`FeatureCache`).
 
 The real side of an LGM step only needs features z = phi(augment(x)) of real images, and the
 backbone is frozen, so they can be computed once: M views of every training image, each view a
-random 256 px crop (the training pipeline's crop) followed by the step's own augmentation
+random syn_res crop (the training pipeline's crop) followed by the step's own augmentation
 (`augment.sample` / `augment.apply`, mode "train") and normalisation (`lgm.real_features`). A step
 then draws (image, view) pairs from the cache instead of running the backbone on real images.
+The augmentation and normalisation come from a run config through config_base's one translation
+(`settings` below), so a cache's views are the views a run with those settings would compute.
 
 Layout of a cache directory:
-  meta.json             dataset, split, num_images, backbone name + parameter fingerprint, res,
-                        views, seed, augmentation, mean/std, dtype, shard_size, feature_dim
+  meta.json             format, dataset, split, num_images, backbone name + parameter fingerprint,
+                        syn_res, views, seed, augment (with input_res), mean/std, dtype,
+                        shard_size, feature_dim
   labels_{s:06d}.npy    int32 [S] labels of shard s (-1 for a corrupt image, never sampled)
   feats_{s:06d}.npy     float16/32 [M, S, F] features of shard s (images s*S .. s*S + S - 1)
 Shards are written atomically, feats last, so a restarted build skips finished shards. Shard s is
@@ -18,10 +22,6 @@ a 1-D ('data',) mesh.
 Draws: view v of image i uses the crop offsets of np.random.default_rng([seed, v, i]) and the
 augmentation draws `augment.sample(view_key(seed, v, s), S)[i - s*S]`, so a view can be rebuilt
 exactly (the tests do, and compare probe gradients).
-
-Command:
-  python -m lgm_jax.feature_cache --dataset imagenet100 --data_dir ~/tensorflow_datasets \
-      --backbone dinov2:/ckpt/dinov2-base --views 10 --out /caches/in100_dinov2b
 """
 
 from __future__ import annotations
@@ -31,27 +31,30 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import sys
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lgm_jax import augment, lgm
+from lgm_jax import augment, config_base, errors, lgm
 from lgm_jax.data import pipeline, sources
+from lgm_jax.models import registry
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+COMMAND = "python -m lgm_jax.feature_cache"
+FORMAT = 2  # 2: syn_res (was res); caches of format 1 must be rebuilt
 # Settings a cache must share with the run that uses it (checked by `open(expect=...)`).
-IDENTITY_KEYS = ("dataset", "split", "backbone", "fingerprint", "res", "views")
+IDENTITY_KEYS = ("dataset", "split", "backbone", "fingerprint", "syn_res", "views")
+DTYPES = ("float16", "float32")
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(errors.InputError):
     """A cache built with other settings than the ones asked for."""
 
 
@@ -66,13 +69,28 @@ def fingerprint(params) -> str:
     return h.hexdigest()[:16]
 
 
+def settings(
+    *, syn_res: int = 256, input_res: int = 224, noise_mean: float = 0.0, noise_std: float = 0.2
+) -> ml_collections.ConfigDict:
+    """The run config a cache's views follow: config_base.base() with the training augmentation
+    and the command's sides and noise (everything else at the run's defaults)."""
+    c = config_base.base()
+    c.syn_res = syn_res
+    c.input_res = input_res
+    c.augment.mode = "train"
+    c.augment.noise_mean = noise_mean
+    c.augment.noise_std = noise_std
+    return c
+
+
 def view_key(seed: int, view: int, shard: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), view), shard)
 
 
-def crop_view(image: np.ndarray, res: int, seed: int, view: int, index: int) -> np.ndarray:
-    """The random res x res crop of view `view` of image `index` (already resized to res)."""
-    return pipeline.random_crop(image, res, np.random.default_rng([seed, view, int(index)]))
+def crop_view(image: np.ndarray, syn_res: int, seed: int, view: int, index: int) -> np.ndarray:
+    """The random syn_res x syn_res crop of view `view` of image `index` (already resized so its
+    shorter side is syn_res)."""
+    return pipeline.random_crop(image, syn_res, np.random.default_rng([seed, view, int(index)]))
 
 
 def shard_path(out: str, kind: str, shard: int) -> str:
@@ -85,26 +103,35 @@ def _save(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _read_resized(source, i, res):
+def _read_resized(source, i, syn_res):
     ex = pipeline.read_or_skip(source, i)
     if ex is None:
         return None, -1
-    return pipeline.resize_shorter(ex["image"], res), ex["label"]
+    return pipeline.resize_shorter(ex["image"], syn_res), ex["label"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shards:
+    """How a build lays out and draws its shards (the settings the shard loop needs)."""
+
+    out: str
+    syn_res: int
+    views: int
+    seed: int
+    shard_size: int
+    dtype: str
 
 
 def build(
     out: str,
     ds: sources.Dataset,
-    features: lgm.FeatureFn,
+    backbone: registry.Backbone,
     params,
-    backbone: str,
+    config: ml_collections.ConfigDict | None = None,
     *,
+    name: str | None = None,
     views: int = 10,
-    res: int = 256,
     split: str = "train",
-    aug: augment.AugmentConfig | None = None,
-    mean: Sequence[float] = lgm.IMAGENET_MEAN,
-    std: Sequence[float] = lgm.IMAGENET_STD,
     shard_size: int = 512,
     seed: int = 0,
     dtype: str = "float16",
@@ -115,77 +142,100 @@ def build(
 ) -> dict:
     """Compute (or finish computing) the cache in `out`; returns its metadata.
 
-    `features(params, images [B, 224, 224, 3] normalised) -> [B, F]` is the frozen backbone.
-    `aug` defaults to the step's training augmentation, AugmentConfig(mode="train").
-    `shard_size` must be a multiple of the number of local devices.
+    `backbone.features(params, normalised images [B, input_res, input_res, 3]) -> [B, F]` is the
+    frozen backbone. `config` (default `settings(input_res=backbone.input_res)`) gives syn_res,
+    the augmentation and mean/std, read through config_base.step_config as a run reads them.
+    `name` is the backbone name recorded for runs to check (their config.backbone; default
+    backbone.name). `shard_size` must be a multiple of the number of local devices.
     """
-    aug = augment.AugmentConfig(mode="train") if aug is None else aug
+    config = settings(input_res=backbone.input_res) if config is None else config
+    step_cfg = config_base.step_config(config, ds.num_classes)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     devices = jax.local_devices()
     if shard_size % len(devices):
-        raise ValueError(f"shard_size {shard_size} is not a multiple of {len(devices)} devices")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        raise errors.InputError(
+            f"--shard-size {shard_size} is not a multiple of the {len(devices)} local devices"
+        )
+    if dtype not in DTYPES:
+        raise errors.InputError(f"dtype must be float16 or float32, got {dtype!r}")
+    layout = _Shards(out, config.syn_res, views, seed, shard_size, dtype)
     source = ds.source(split)
-    n = len(source)
-    x = jax.ShapeDtypeStruct((1, aug.input_res, aug.input_res, 3), np.float32)
-    feature_dim = int(jax.eval_shape(features, params, x).shape[-1])
+    meta = _metadata(ds, split, len(source), backbone, params, name, step_cfg, layout)
+    _write_or_check_meta(out, meta, process_index)
+
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    compute = _compute_fn(backbone.features, step_cfg, batch_sharding)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    num_shards = -(-len(source) // shard_size)
+    mine = [s for s in range(num_shards) if s % process_count == process_index]
+    todo = [s for s in mine if not os.path.exists(shard_path(out, "feats", s))]
+    bar = _progress(len(mine), len(mine) - len(todo), progress, f"features of {ds.name}")
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        for s in todo:
+            _build_shard(s, source, pool, compute, params, batch_sharding, layout)
+            bar.update(1)
+    bar.close()
+    return meta
+
+
+def _metadata(ds, split, n, backbone, params, name, step_cfg: lgm.StepConfig, layout: _Shards):
+    """meta.json of a cache (as a reloaded meta.json has it: lists, not tuples)."""
+    x = jax.ShapeDtypeStruct(
+        (1, step_cfg.augment.input_res, step_cfg.augment.input_res, 3), np.float32
+    )
     meta = {
         "format": FORMAT,
         "dataset": ds.name,
         "split": split,
         "num_images": n,
         "num_classes": ds.num_classes,
-        "backbone": backbone,
+        "backbone": backbone.name if name is None else name,
         "fingerprint": fingerprint(params),
-        "res": res,
-        "views": views,
-        "seed": seed,
-        "augment": dataclasses.asdict(aug),
-        "mean": list(mean),
-        "std": list(std),
-        "dtype": dtype,
-        "shard_size": shard_size,
-        "feature_dim": feature_dim,
+        "syn_res": layout.syn_res,
+        "views": layout.views,
+        "seed": layout.seed,
+        "augment": dataclasses.asdict(step_cfg.augment),
+        "mean": list(step_cfg.mean),
+        "std": list(step_cfg.std),
+        "dtype": layout.dtype,
+        "shard_size": layout.shard_size,
+        "feature_dim": int(jax.eval_shape(backbone.features, params, x).shape[-1]),
     }
-    meta = json.loads(json.dumps(meta))  # tuples -> lists, as a reloaded meta.json has them
-    _write_or_check_meta(out, meta, process_index)
+    return json.loads(json.dumps(meta))
 
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    batch_sharding = NamedSharding(mesh, P("data"))
-    cfg = lgm.StepConfig(num_classes=ds.num_classes, augment=aug, mean=tuple(mean), std=tuple(std))
+
+def _compute_fn(features: lgm.FeatureFn, step_cfg: lgm.StepConfig, batch_sharding):
+    """The jitted features of one view of a shard: (params, uint8 crops [S, syn_res, syn_res, 3],
+    key) -> [S, F], the step's own draws, augmentation and normalisation (lgm.real_features)."""
 
     @functools.partial(jax.jit, out_shardings=batch_sharding)
     def compute(params, images, key):
-        draws = augment.sample(key, images.shape[0], aug)
+        draws = augment.sample(key, images.shape[0], step_cfg.augment)
         draws = jax.lax.with_sharding_constraint(draws, batch_sharding)
-        return lgm.real_features(features, params, images, draws, cfg)
+        return lgm.real_features(features, params, images, draws, step_cfg)
 
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    num_shards = -(-n // shard_size)
-    mine = [s for s in range(num_shards) if s % process_count == process_index]
-    todo = [s for s in mine if not os.path.exists(shard_path(out, "feats", s))]
-    bar = _progress(len(mine), len(mine) - len(todo), progress, f"features of {ds.name}")
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        for s in todo:
-            idx = np.arange(s * shard_size, min(n, (s + 1) * shard_size))
-            decoded = list(pool.map(lambda i: _read_resized(source, i, res), idx))
-            labels = np.asarray([label for _, label in decoded], np.int32)
-            pending = []
-            for v in range(views):
-                images = np.zeros((shard_size, res, res, 3), np.uint8)
-                for row, (image, _) in enumerate(decoded):
-                    if image is not None:
-                        images[row] = crop_view(image, res, seed, v, idx[row])
-                images = jax.device_put(images, batch_sharding)
-                pending.append(compute(params, images, view_key(seed, v, s)))  # async dispatch
-            feats = np.stack([np.asarray(f)[: len(idx)] for f in pending]).astype(dtype)
-            _save(shard_path(out, "labels", s), labels)
-            _save(shard_path(out, "feats", s), feats)
-            bar.update(1)
-    bar.close()
-    return meta
+    return compute
+
+
+def _build_shard(s, source, pool, compute, params, batch_sharding, layout: _Shards) -> None:
+    """Read, crop and run the backbone on every view of shard s; write its labels and feats."""
+    size = layout.shard_size
+    idx = np.arange(s * size, min(len(source), (s + 1) * size))
+    decoded = list(pool.map(lambda i: _read_resized(source, i, layout.syn_res), idx))
+    labels = np.asarray([label for _, label in decoded], np.int32)
+    pending = []
+    for v in range(layout.views):
+        images = np.zeros((size, layout.syn_res, layout.syn_res, 3), np.uint8)
+        for row, (image, _) in enumerate(decoded):
+            if image is not None:
+                images[row] = crop_view(image, layout.syn_res, layout.seed, v, idx[row])
+        images = jax.device_put(images, batch_sharding)
+        pending.append(compute(params, images, view_key(layout.seed, v, s)))  # async dispatch
+    feats = np.stack([np.asarray(f)[: len(idx)] for f in pending]).astype(layout.dtype)
+    _save(shard_path(layout.out, "labels", s), labels)
+    _save(shard_path(layout.out, "feats", s), feats)
 
 
 def _write_or_check_meta(out: str, meta: dict, process_index: int) -> None:
@@ -226,6 +276,24 @@ class _NoBar:
         pass
 
 
+def _read_meta(path: str) -> dict:
+    """A cache's meta.json, refusing a directory without one or a cache of another format."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"no feature cache in {path} (no meta.json); build one with "
+            f"{COMMAND} --dataset ... --backbone ... --out {path}"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CacheMismatch(
+            f"feature cache {path} has format {meta.get('format')!r}, this lgm_jax reads format "
+            f"{FORMAT}; rebuild it with {COMMAND} (same flags, a new --out)"
+        )
+    return meta
+
+
 class FeatureCache:
     """A finished cache, memory-mapped: `feats[s]` [M, S, F] per shard, `labels` int32 [N]."""
 
@@ -237,15 +305,8 @@ class FeatureCache:
     @classmethod
     def open(cls, path: str, expect: dict | None = None) -> FeatureCache:
         """Open a cache, refusing one whose settings differ from `expect` (any meta.json keys,
-        e.g. dataset=, backbone=, fingerprint=, res=, views=)."""
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(
-                f"no feature cache in {path} (no meta.json); build one with "
-                "python -m lgm_jax.feature_cache --dataset ... --backbone ... --out " + path
-            )
-        with open(meta_path) as f:
-            meta = json.load(f)
+        e.g. dataset=, backbone=, fingerprint=, syn_res=, views=) or of another format."""
+        meta = _read_meta(path)
         for key, want in (expect or {}).items():
             have = meta.get(key)
             if isinstance(want, (tuple, list)):
@@ -253,8 +314,8 @@ class FeatureCache:
             if have != want:
                 raise CacheMismatch(
                     f"feature cache {path} was built with {key}={have!r} but this run needs "
-                    f"{key}={want!r}; build a cache for these settings "
-                    "(python -m lgm_jax.feature_cache) or point to the right one"
+                    f"{key}={want!r}; build a cache for these settings ({COMMAND}) or point to "
+                    "the right one"
                 )
         num_shards = -(-meta["num_images"] // meta["shard_size"])
         missing = [s for s in range(num_shards) if not os.path.exists(shard_path(path, "feats", s))]
@@ -332,92 +393,81 @@ def _as_seed(rng_or_seed) -> int:
 
 # ---------------------------------------------------------------- command line
 
+DESCRIPTION = f"""\
+Build (or finish building) a real-feature cache: M augmented views of every training image run
+through a frozen backbone, for a distillation run with --config.real_input=features
+--config.feature_cache=DIR. Rerunning the same command resumes; on several hosts run it on every
+host with a shared --out.
 
-def load_backbone(spec: str, weights: str | None = None, input_res: int = 224):
-    """(features, params, name) from a spec: a registry name such as "dinov2_vitb" (with
-    `weights`, a directory of converted weights; random weights without), "dinov2:<dir>" (a
-    transformers DINOv2 directory), "tiny-random" (a 1-block random ViT for smoke runs), or
-    "factory:<module>:<function>[:arg]" (a function returning (features, params, name))."""
-    from lgm_jax.models import dinov2, registry, vit
+example:
+  {COMMAND} --dataset imagenet100 --data-dir ~/tensorflow_datasets \\
+      --backbone dinov2_vitb --weights /ckpt/dinov2_vitb --views 10 --out /caches/in100_dinov2b
+"""
 
-    if spec in registry.NAMES:
-        backbone, params = registry.build(spec, weights or None, input_res=input_res)
-        return registry.features_fn(backbone), params, spec
-    kind, _, rest = spec.partition(":")
-    if kind == "dinov2":
-        cfg, params = dinov2.load(rest)
-        model = vit.ViT(cfg)
-        name = "dinov2:" + os.path.basename(os.path.normpath(rest))
-        return (lambda p, x: model.apply({"params": p}, x)), params, name
-    if kind == "tiny-random":
-        cfg = dinov2.variant("S/14").replace(
-            width=32, depth=1, heads=2, mlp_dim=64, pos_grid=4, input_res=224
-        )
-        model = vit.ViT(cfg)
-        params = model.init(jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32))["params"]
-        return (lambda p, x: model.apply({"params": p}, x)), params, "tiny-random"
-    if kind == "factory":
-        module, _, fn = rest.partition(":")
-        fn, _, arg = fn.partition(":")
-        f = getattr(importlib.import_module(module), fn)
-        return f(arg) if arg else f()
-    raise ValueError(
-        f"unknown backbone spec {spec!r}: use a registry name ({', '.join(registry.NAMES)}), "
-        "dinov2:<dir>, tiny-random or factory:..."
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=COMMAND, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="a lgm_jax.data.get_dataset name")
-    p.add_argument("--data_dir", default=None, help="tfds data directory")
+    p.add_argument("--data-dir", default=None, help="tfds data directory or image-folder root")
     p.add_argument(
-        "--backbone", required=True, help="registry name | dinov2:<dir> | tiny-random | factory:..."
+        "--backbone",
+        required=True,
+        help=f"a registry name ({', '.join(registry.NAMES)}) or factory:<module>:<function>[:<arg>]"
+        " (the run's config.backbone: the cache records this name)",
     )
-    p.add_argument("--weights", default=None, help="converted weights for a registry name")
+    p.add_argument("--weights", default=None, help="converted weights (random weights without)")
     p.add_argument("--views", type=int, default=10, help="augmented views M per image")
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--split", default="train")
-    p.add_argument("--res", type=int, default=256, help="crop size before augmentation")
-    p.add_argument("--input_res", type=int, default=224, help="backbone input size")
-    p.add_argument("--shard_size", type=int, default=512)
+    p.add_argument("--syn-res", type=int, default=256, help="crop side before augmentation")
+    p.add_argument("--input-res", type=int, default=224, help="backbone input side")
+    p.add_argument("--shard-size", type=int, default=512, help="images per shard file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    p.add_argument("--noise_mean", type=float, default=0.0)
-    p.add_argument("--noise_std", type=float, default=0.2)
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="stored features")
+    p.add_argument("--noise-mean", type=float, default=0.0)
+    p.add_argument("--noise-std", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=8, help="image decoding threads")
-    a = p.parse_args(argv)
+    return p
+
+
+def _run(a: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
-    features, params, name = load_backbone(a.backbone, a.weights, a.input_res)
-    aug = augment.AugmentConfig(
-        mode="train", input_res=a.input_res, noise_mean=a.noise_mean, noise_std=a.noise_std
+    config = settings(
+        syn_res=a.syn_res, input_res=a.input_res, noise_mean=a.noise_mean, noise_std=a.noise_std
     )
+    ds = sources.get_dataset(a.dataset, a.data_dir)  # before the backbone: a typo fails fast
+    backbone, params = registry.build(a.backbone, a.weights or None, input_res=a.input_res)
     meta = build(
         a.out,
-        sources.get_dataset(a.dataset, a.data_dir),
-        features,
+        ds,
+        backbone,
         params,
-        name,
+        config,
+        name=a.backbone,
         views=a.views,
-        res=a.res,
         split=a.split,
-        aug=aug,
         shard_size=a.shard_size,
         seed=a.seed,
         dtype=a.dtype,
         num_threads=a.threads,
     )
-    skipped = pipeline.skipped_images()
     log.info(
         "cache %s: %d images x %d views, backbone %s (%s), %d corrupt images skipped",
         a.out,
         meta["num_images"],
         meta["views"],
-        name,
+        meta["backbone"],
         meta["fingerprint"],
-        skipped,
+        pipeline.skipped_images(),
     )
 
 
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return errors.run_command(lambda: _run(args))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
