@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lgm_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # fmt: off
@@ -80,7 +82,7 @@ class Dataset:
     def source(self, split: str):
         """The split as a random-access source (opened once per Dataset object)."""
         if split not in self.splits:
-            raise ValueError(f"dataset {self.name!r} has splits {self.splits}, not {split!r}")
+            raise InputError(f"dataset {self.name!r} has splits {self.splits}, not {split!r}")
         if split not in self._opened:
             self._opened[split] = self.opener(split)
         return self._opened[split]
@@ -89,7 +91,7 @@ class Dataset:
 def check_num_classes(ds: Dataset, expected: int) -> None:
     """Raise if the dataset's class count disagrees with the one a config expects."""
     if ds.num_classes != expected:
-        raise ValueError(
+        raise InputError(
             f"dataset {ds.name!r} has {ds.num_classes} classes but {expected} were expected "
             "(check the dataset name, the folder's class subfolders, or the config's num_classes)"
         )
@@ -205,7 +207,7 @@ def image_folder(root: str, test_fraction: float = 0.2, seed: int = 0, name: str
         dirs = {"train": os.path.join(root, "train"), "test": os.path.join(root, test_dir)}
         classes = _list_classes(dirs["train"])
         if _list_classes(dirs["test"]) != classes:
-            raise ValueError(
+            raise InputError(
                 f"{dirs['train']} and {dirs['test']} have different class subfolders: "
                 f"{classes} vs {_list_classes(dirs['test'])}"
             )
@@ -386,4 +388,4 @@ def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
         return tfds_dataset(name, imagenet[0], imagenet[1], data_dir, True, classes)
     known = ["mnist_demo", "folder:<root>", *TFDS, "imagenet100"]
     known += [f"imagenet_{s}" for s in IMAGENET_SUBSETS]
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+    raise InputError(f"unknown dataset {name!r}; known: {', '.join(known)}")

@@ -1,4 +1,4 @@
-"""CLIP image towers (transformers `CLIPVisionModelWithProjection` layout): config, mapping, loader.
+"""CLIP image towers (transformers `CLIPVisionModelWithProjection` layout): config, key mapping.
 
 Feature: the projected image embedding, `visual_projection(post_layernorm(CLS))` (transformers'
 `image_embeds`, 512 for B/32 and B/16, 768 for L/14). Quick-GELU MLP, a LayerNorm before the
@@ -10,9 +10,6 @@ A full `CLIPModel` checkpoint (text tower included) loads too: the text keys are
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 from lgm_jax.models import weights
 from lgm_jax.models.vit import ViTConfig, param_shapes
@@ -108,21 +105,3 @@ def config_from_hf(hf: dict, **kw) -> ViTConfig:
 def to_flax(state: dict, cfg: ViTConfig, source: str = "checkpoint") -> dict:
     """Convert a CLIP state dict (NumPy arrays, transformers key names) to Flax params."""
     return weights.convert(state, RULES, param_shapes(cfg), IGNORE, source)
-
-
-def load(path: str, **kw) -> tuple[ViTConfig, dict]:
-    """Load a transformers CLIP directory (config.json + model.safetensors).
-
-    Keyword arguments override ViTConfig fields (input_res, dtype, remat, ...).
-    """
-    cfg_path = os.path.join(path, "config.json")
-    st_path = os.path.join(path, "model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(
-                f"{p} not found: a CLIP directory needs config.json and model.safetensors "
-                "(save one with transformers' save_pretrained)"
-            )
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), **kw)
-    return cfg, to_flax(weights.read_safetensors(st_path), cfg, source=st_path)

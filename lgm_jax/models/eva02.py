@@ -1,4 +1,4 @@
-"""EVA-02 (timm `eva02_*_patch14_224` layout): config, checkpoint mapping, loader.
+"""EVA-02 (timm `eva02_*_patch14_224` layout): config and checkpoint mapping.
 
 Feature: the mean of the patch tokens (CLS excluded), then LayerNorm (timm's `global_pool='avg'`
 + `fc_norm`; no final norm on the tokens), 192 / 384 / 768 / 1024 wide. Rotary position
@@ -12,10 +12,6 @@ layer. Attention: fused `qkv` with `q_bias`/`v_bias` (T/S) or separate `q_proj` 
 
 from __future__ import annotations
 
-import json
-import os
-import re
-
 from lgm_jax.models import weights
 from lgm_jax.models.vit import ViTConfig, param_shapes
 
@@ -25,7 +21,6 @@ VARIANTS = {  # name: (width, depth, heads, fused qkv + packed SwiGLU)
     "B/14": (768, 12, 12, False),
     "L/14": (1024, 24, 16, False),
 }
-TIMM_NAMES = {"tiny": "T/14", "small": "S/14", "base": "B/14", "large": "L/14"}
 
 RULES = [
     (r"cls_token", "cls_token"),
@@ -75,34 +70,6 @@ def variant(name: str = "B/14", **kw) -> ViTConfig:
     return ViTConfig(**base)
 
 
-def config_from_timm(timm_cfg: dict, **kw) -> ViTConfig:
-    """ViTConfig from a timm hub config.json ({"architecture": "eva02_base_patch14_224", ...})."""
-    arch = timm_cfg.get("architecture", "")
-    m = re.fullmatch(r"eva02_(tiny|small|base|large)_patch14_(\d+)", arch)
-    if not m:
-        raise weights.CheckpointMismatch(
-            f"expected a timm EVA-02 architecture eva02_<size>_patch14_<res>, got {arch!r}"
-        )
-    res = int(m.group(2))
-    # The 224 px models keep the rope reference at 16x16; larger ones are trained at their size.
-    return variant(TIMM_NAMES[m.group(1)], pos_grid=res // 14, rope_ref_grid=res // 14, **kw)
-
-
 def to_flax(state: dict, cfg: ViTConfig, source: str = "checkpoint") -> dict:
     """Convert an EVA-02 state dict (NumPy arrays, timm key names) to Flax params."""
     return weights.convert(state, RULES, param_shapes(cfg), IGNORE, source)
-
-
-def load(path: str, **kw) -> tuple[ViTConfig, dict]:
-    """Load a timm hub directory (config.json with "architecture" + model.safetensors)."""
-    cfg_path = os.path.join(path, "config.json")
-    st_path = os.path.join(path, "model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(
-                f"{p} not found: an EVA-02 directory is a timm hub snapshot with config.json "
-                "and model.safetensors"
-            )
-    with open(cfg_path) as f:
-        cfg = config_from_timm(json.load(f), **kw)
-    return cfg, to_flax(weights.read_safetensors(st_path), cfg, source=st_path)

@@ -19,6 +19,7 @@ function (called with `arg` when given) returns `(Backbone, params)`, a Backbone
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -145,14 +146,20 @@ def build(name: str, weights: str | None = None, *, rng=None, **overrides):
         backbone = get(name, **overrides)
         s = backbone.input_res
         rng = jax.random.key(0) if rng is None else rng
-        init = jax.jit(ViT(backbone.config).init)
-        return backbone, init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+        return backbone, _init(backbone.config)(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
     backbone, params = load_converted(weights, **overrides)
     if _NAMES[name][0] != backbone.family:
         raise weights_mod.CheckpointMismatch(
             f"{weights} holds {backbone.family} weights ({backbone.name}), not {name}"
         )
     return backbone, params
+
+
+@functools.lru_cache(maxsize=32)
+def _init(config: ViTConfig):
+    """The jitted initialiser of one architecture, compiled once per process (tests and
+    commands build the same tiny backbones many times)."""
+    return jax.jit(ViT(config).init)
 
 
 def _from_factory(name: str):
