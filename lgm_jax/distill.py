@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from lgm_jax import checkpoint, config_base, distilled, lgm, profiling, pyramid
+from lgm_jax.errors import InputError
 from lgm_jax.prefetch import prefetch_map
 
 log = logging.getLogger("lgm_jax")
@@ -135,7 +136,7 @@ def _cached_source(config, ds, step_cfg, params, process_index, per_process):
     from lgm_jax import feature_cache
 
     if not config.feature_cache:
-        raise ValueError("real_input='features' needs --config.feature_cache=DIR")
+        raise InputError("real_input='features' needs --config.feature_cache=DIR")
     # The cache must hold this backbone's (same weights) features of this dataset.
     expect = {
         "dataset": ds.name,

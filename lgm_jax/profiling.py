@@ -1,8 +1,11 @@
 """Where a step's device time goes: a `jax.profiler` trace read against the step's optimised HLO.
 
-    python -m lgm_jax.profiling TRACE_DIR --hlo step.hlo.txt.gz [--steps 2] [--top 15]
+Example (the profile a run wrote with --config.profile.start=N):
 
-`tools/benchmark.py --profile DIR` and a distillation run with `--config.profile.start=N`
+    python -m lgm_jax.profiling workdirs/demo/profile --hlo workdirs/demo/profile/step.hlo.txt.gz \
+        --steps 3
+
+`python -m lgm_jax.benchmark --profile DIR` and a distillation run with `--config.profile.start=N`
 (`StepTracer`) record a few steps with `jax.profiler` (perfetto trace on), save the compiled
 step's HLO beside the trace and call `summarize`; this file can also be run on such a folder
 later.
@@ -37,7 +40,10 @@ import json
 import logging
 import os
 import re
+import sys
 import time
+
+from lgm_jax.errors import run_command
 
 PHASES = ("real_features", "syn_features", "probe", "syn_backward", "optimizer")
 PARTS = {"ViT": "backbone", "decode": "decode", "augment": "augment"}
@@ -419,21 +425,28 @@ def read_text(path: str) -> str:
         return f.read()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("trace_dir")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lgm_jax.profiling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace_dir", help="the folder jax.profiler wrote (holding plugins/profile)")
     p.add_argument("--hlo", required=True, help="the step's optimised HLO text (.txt or .txt.gz)")
     p.add_argument("--steps", type=int, default=1, help="how many steps the trace holds")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
-    summary = summarize(args.trace_dir, read_text(args.hlo), args.steps, top=args.top)
-    print_summary(summary, args.top)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+
+    def body():
+        summary = summarize(args.trace_dir, read_text(args.hlo), args.steps, top=args.top)
+        print_summary(summary, args.top)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
