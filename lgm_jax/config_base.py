@@ -57,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 3407
     c.chunk_size = 0  # rows per backbone call per device; 0 = the whole per-device batch
     c.real_input = "images"  # or "features" (from a real-feature cache)
-    c.feature_cache = ""  # directory written by `python -m lgm_jax.data.feature_cache`
+    c.feature_cache = ""  # directory written by `python -m lgm_jax.feature_cache`
     # "replicated" (every device holds the whole pyramid and its Adam moments) or "class" (each
     # device holds its N/D images' share and works only on their K copies; N = ipc * classes
     # must divide over the devices). Checkpoints restore into either.

@@ -4,7 +4,8 @@
     it = train_iterator(ds, batch_size=1000, seed=0)   # {"image" uint8 [B,256,256,3], "label"}
     for batch in eval_iterator(ds, "test", 256): ...   # {"image" [B,224,224,3], "label", "mask"}
 
-See docs/data.md for preparing each dataset and `python -m lgm_jax.data.feature_cache`.
+See docs/data.md for preparing each dataset. (The cache of real-image features, which needs the
+backbone and the step's augmentation, is `lgm_jax/feature_cache.py`, a layer above.)
 """
 
 from lgm_jax.data.pipeline import (
