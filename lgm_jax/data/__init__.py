@@ -1,4 +1,4 @@
-"""Real data: the dataset registry, grain pipelines, and the cache of real-image features.
+"""Real data: the dataset registry and the grain pipelines.
 
     ds = get_dataset("imagenet100", data_dir="~/tensorflow_datasets")
     it = train_iterator(ds, batch_size=1000, seed=0)   # {"image" uint8 [B,256,256,3], "label"}
