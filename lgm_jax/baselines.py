@@ -216,6 +216,20 @@ def run_neighbors(
     return distilled.save(out, images, labels[idx], **meta)
 
 
+def _full_loader(data, source, seed: int):
+    """load(indices, mask, epoch) of the full probe: SPEC's real images, shorter side 256 and a
+    random 256 crop, fresh for every epoch and image (the same on a rerun); the probe then crops
+    these to the backbone's input side."""
+
+    def load(indices, mask, epoch):
+        side = distilled.SYN_RES
+        return data.read_batch(
+            source, indices, crop=side, resize=side, mask=mask, crop_seed=(seed, epoch)
+        )
+
+    return load
+
+
 def run_full(
     dataset,
     backbone,
@@ -245,11 +259,7 @@ def run_full(
     bb, params = registry.build(backbone, weights)
     cfg = config_base.probe_config(bb, ds.num_classes, epochs=epochs, batch_size=batch_size, lr=lr)
 
-    def load(indices, mask, epoch):  # SPEC's real images: shorter side 256, random 256 crop
-        crop = (seed, epoch)  # a fresh crop of each image every epoch, the same on a rerun
-        side = distilled.SYN_RES  # (the probe then crops these to the backbone's input side)
-        return data.read_batch(source, indices, crop=side, resize=side, mask=mask, crop_seed=crop)
-
+    load = _full_loader(data, source, seed)
     os.makedirs(out, exist_ok=True)
     # What the saved progress must agree with to be continued (the probe's settings included).
     fingerprint = json.dumps(

@@ -18,7 +18,15 @@ from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def base() -> ml_collections.ConfigDict:
+    """Every key a run reads, with its default (configs/*.py start from this)."""
     c = ml_collections.ConfigDict()
+    for section in SECTIONS:
+        section(c)
+    return c
+
+
+def _data_and_backbone(c) -> None:
+    """The dataset and the frozen backbone."""
     c.dataset = "imagenet100"
     c.data_dir = ""  # tfds data_dir or image-folder root; "" for the default
     c.num_classes = 0  # if > 0, the dataset must have exactly this many classes
@@ -33,6 +41,9 @@ def base() -> ml_collections.ConfigDict:
     c.mean = IMAGENET_MEAN
     c.std = IMAGENET_STD
 
+
+def _synthetic_set(c) -> None:
+    """The synthetic set: its size, side and pyramid."""
     c.ipc = 1  # synthetic images per class
     c.aug_rounds = 10  # K: augmented copies of each synthetic image per step
     c.syn_res = 256  # side of the synthetic images
@@ -43,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
     c.pyramid.grow_every = 200
     c.pyramid.init_mode = "noise"  # or "zero"
 
+
+def _augmentation(c) -> None:
+    """The differentiable augmentation (the same for real and synthetic rows)."""
     c.augment = ml_collections.ConfigDict()
     c.augment.mode = "train"  # "train", or "off" for the "no augmentation" ablation
     c.augment.flip_p = 0.5
@@ -52,6 +66,9 @@ def base() -> ml_collections.ConfigDict:
     c.augment.noise_std = 0.2
     c.augment.noise_mean = 0.0
 
+
+def _optimisation(c) -> None:
+    """The outer optimisation and how a step is laid out and fed."""
     c.lr = 2e-3
     c.steps = 5000  # runs steps 0..steps (steps + 1 updates), as the reference
     c.seed = 3407
@@ -65,6 +82,9 @@ def base() -> ml_collections.ConfigDict:
     c.prefetch = 2  # real batches loaded ahead of the step, in a background thread
     c.data_threads = 0  # threads decoding one batch's images; 0 = min(32, CPUs)
 
+
+def _evaluation(c) -> None:
+    """The probe evaluation at the end of a run."""
     # The paper's linear-probe evaluation of the result, run at the end (python -m
     # lgm_jax.evaluate does the same on any workdir later).
     c.eval = ml_collections.ConfigDict()
@@ -73,6 +93,9 @@ def base() -> ml_collections.ConfigDict:
     c.eval.epochs = 1000
     c.eval.mode = "exact"  # or "fast" (precomputed features of augmented views)
 
+
+def _profile(c) -> None:
+    """A traced window of steps."""
     # Trace `steps` steps from step `start` (-1: never) into workdir/profile and write where the
     # device time went to workdir/profile/summary.json (lgm_jax/profiling.py); pick a window
     # without a pyramid growth (its step compiles anew) or a checkpoint, log or image step.
@@ -80,6 +103,9 @@ def base() -> ml_collections.ConfigDict:
     c.profile.start = -1
     c.profile.steps = 3
 
+
+def _bookkeeping(c) -> None:
+    """Logs, pictures, checkpoints, multi-host start-up, the compilation cache."""
     c.log_every = 10
     c.image_every = 500
     c.checkpoint_every = 250
@@ -88,7 +114,17 @@ def base() -> ml_collections.ConfigDict:
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     # Persistent XLA compilation cache ("" = off; the JAX_COMPILATION_CACHE_DIR variable wins).
     c.compilation_cache = "~/.cache/lgm_jax/xla"
-    return c
+
+
+SECTIONS = (
+    _data_and_backbone,
+    _synthetic_set,
+    _augmentation,
+    _optimisation,
+    _evaluation,
+    _profile,
+    _bookkeeping,
+)
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

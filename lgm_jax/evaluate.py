@@ -181,9 +181,8 @@ def evaluate(
     if not dataset:
         raise InputError(f"{meta['path']} does not record its dataset; pass --dataset NAME")
     ds = data.get_dataset(dataset, data_dir or meta.get("data_dir") or None)
-    per_seed = images.ndim == 5
-    seeds = len(paths) if per_seed else seeds
-    for lab in labels if per_seed else [labels]:
+    seeds = len(paths) if images.ndim == 5 else seeds
+    for lab in labels if images.ndim == 5 else [labels]:
         distilled.check_labels(lab, images.shape[-4], ds.num_classes, dataset)
     bb, params = registry.build(backbone, weights)
     cfg = config_base.probe_config(bb, ds.num_classes, epochs=epochs, mode=mode, views=views)
@@ -207,11 +206,14 @@ def evaluate(
         "distilled": meta["path"],
         **result,
     }
-    if out is None:
-        base = paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0])
-        out = os.path.join(base, "eval", eval_dirname(backbone, mode))
-    result["out"] = write_result(result, out)
+    result["out"] = write_result(result, out or default_out(paths[0], backbone, mode))
     return result
+
+
+def default_out(path: str, backbone: str, mode: str) -> str:
+    """<run directory>/eval/<backbone>[-fast]: where an evaluation of a set is written."""
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    return os.path.join(base, "eval", eval_dirname(backbone, mode))
 
 
 # ----------------------------------------------------------------------------------------------
