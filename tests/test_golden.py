@@ -1,7 +1,6 @@
 """The package reproduces a recorded step of the reference PyTorch implementation."""
 
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -9,14 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import golden_check  # noqa: E402
+from lgm_jax import golden as golden_check
 
 
 def test_golden_check_passes(golden_dir):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "golden_check.py"), "--golden", str(golden_dir)],
+        [sys.executable, "-m", "lgm_jax.golden", "--golden", str(golden_dir)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,7 +43,8 @@ def test_golden_dir_with_missing_arrays_is_named(golden_dir, tmp_path, capsys):
 
 def test_golden_dir_that_is_not_one(tmp_path, capsys):
     assert golden_check.main(["--golden", str(tmp_path)]) == 2
-    assert "missing meta.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing meta.json" in err and err.count("\n") == 1
 
 
 def test_golden_meta_lacking_settings(golden_dir, tmp_path):
