@@ -1,4 +1,5 @@
-"""tools/benchmark.py: the FLOP count against SPEC's figure, and one tiny run end to end."""
+"""python -m lgm_jax.benchmark: the FLOP count against SPEC's figure, and one tiny run end to
+end."""
 
 import json
 import os
@@ -8,38 +9,44 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from lgm_jax import benchmark, lgm, step_cost
+from lgm_jax.models import registry
+from lgm_jax.models.vit import ViTConfig
 
-import benchmark  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "dinov2_tiny", "--syn-res", "32", "--input-res", "28"]
+
+
+def tiny_config(**overrides):
+    """The 28 px test backbone's ViTConfig, as the benchmark builds it by default."""
+    return registry.get("dinov2_tiny", **overrides).config
 
 
 def test_vit_b14_forward_flops_match_spec():
     # SPEC: "A ViT-B/14 forward at 224 px is about 46.3 GFLOP per image".
-    cfg = benchmark.vit_config("dinov2_vitb", 224, "bfloat16", False)
-    assert benchmark.vit_flops(cfg) / 1e9 == pytest.approx(46.3, abs=0.05)
+    cfg = registry.get("dinov2_vitb").config
+    assert step_cost.vit_flops(cfg) / 1e9 == pytest.approx(46.3, abs=0.05)
 
 
 def test_vit_flops_by_hand():
     # width 4, depth 1, mlp 8, patch 2 at 4 px: 4 patches + CLS = 5 tokens.
-    cfg = benchmark.vit_config("tiny", 28, "float32", False).replace(
-        width=4, depth=1, mlp_dim=8, patch_size=2, input_res=4
-    )
+    cfg = ViTConfig(width=4, depth=1, heads=1, mlp_dim=8, patch_size=2, input_res=4)
     patch = 4 * (2 * 2 * 3) * 4
     block = 3 * 5 * 4 * 4 + 5 * 5 * 4 + 5 * 5 * 4 + 5 * 4 * 4 + 2 * 5 * 4 * 8
-    assert benchmark.vit_flops(cfg) == 2 * (patch + block)
+    assert step_cost.vit_flops(cfg) == 2 * (patch + block)
 
 
 def test_peak_table():
-    assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 790.0
-    assert benchmark.peak_tflops("cpu", "float32") is None
+    assert step_cost.peak_tflops("NVIDIA H200", "bfloat16") == 790.0
+    assert step_cost.peak_tflops("cpu", "float32") is None
 
 
 def test_tiny_run_writes_every_field(tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--backbone", "tiny"]
-    cmd += ["--classes", "2", "--aug-rounds", "2", "--chunk", "2", "--dtype", "float32"]
-    cmd += ["--steps", "3", "--warmup", "1", "--syn-res", "32", "--input-res", "28"]
+    # The documented shell, tools/benchmark.py, runs `python -m lgm_jax.benchmark`.
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), *TINY]
+    cmd += ["--classes", "2", "--aug-rounds", "2", "--chunk-size", "2", "--dtype", "float32"]
+    cmd += ["--steps", "3", "--warmup", "1"]
     cmd += ["--json", str(out), "--profile", str(tmp_path / "trace")]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -55,7 +62,7 @@ def test_tiny_run_writes_every_field(tmp_path):
     assert r["mem_source"] == "memory_analysis" and r["peak_mem_bytes"] > 0
     assert r["compiled_mem"]["temp"] > 0
     assert r["platform"] == "cpu" and r["jax_version"] and len(r["git_commit"]) >= 7
-    assert r["config"]["classes"] == 2 and r["config"]["chunk"] == 2
+    assert r["config"]["classes"] == 2 and r["config"]["chunk_size"] == 2
     assert 0 <= r["loss"] <= 2
     assert "step (median" in proc.stdout
     # --profile: two more steps traced; every op of the trace found in the step's HLO, and the
@@ -77,36 +84,48 @@ def test_tiny_run_writes_every_field(tmp_path):
 def test_config_file_sets_defaults_and_flags_win(tmp_path):
     cfg = tmp_path / "exp.py"
     cfg.write_text(
-        "import ml_collections\n"
+        "from lgm_jax.config_base import base\n"
         "def get_config(arg=None):\n"
-        "    c = ml_collections.ConfigDict()\n"
+        "    c = base()\n"
         "    c.num_classes = 2 if arg == 'smoke' else 100\n"
         "    c.aug_rounds = 10\n"
-        "    c.step = ml_collections.ConfigDict({'chunk_size': 64, 'real_input': 'features'})\n"
+        "    c.chunk_size = 64\n"
+        "    c.real_input = 'features'\n"
         "    return c\n"
     )
     args = benchmark.parse(["--config", f"{cfg}:smoke", "--aug-rounds", "3"])
-    assert (args.classes, args.aug_rounds, args.chunk, args.real) == (2, 3, 64, "features")
+    c = args.settings
+    assert (args.classes, c.aug_rounds, c.chunk_size, c.real_input) == (2, 3, 64, "features")
     assert benchmark.parse(["--config", str(cfg)]).classes == 100
+    assert benchmark.parse(["--config", str(cfg), "--classes", "7"]).classes == 7
+    assert benchmark.parse([]).classes == 10  # base(): the class count comes from the data
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert benchmark.main(["--config", str(tmp_path / "none.py")]) == 2
+    assert benchmark.main(["--backbone", "nope", "--lower", "tpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "none.py" in err[0] and "unknown backbone 'nope'" in err[1]
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse(["--help"])
+    assert e.value.code == 0
 
 
 def test_step_flops_count_the_recomputed_forward_only_when_chunked():
-    from lgm_jax import lgm
-
-    vit = benchmark.vit_config("tiny", 28, "float32", False)
-    f = benchmark.vit_flops(vit)
+    vit = tiny_config()
+    f = step_cost.vit_flops(vit)
     whole = lgm.StepConfig(num_classes=10, aug_rounds=2)  # 20 real + 20 synthetic rows
     chunked = lgm.StepConfig(num_classes=10, aug_rounds=2, chunk_size=5)
     cached = lgm.StepConfig(num_classes=10, aug_rounds=2, chunk_size=5, real_input="features")
-    assert benchmark.step_flops(vit, whole) == f * (20 + 2 * 20)
-    assert benchmark.step_flops(vit, chunked) == f * (20 + 3 * 20)
-    assert benchmark.step_flops(vit, cached) == f * 3 * 20
+    assert step_cost.step_flops(vit, whole) == f * (20 + 2 * 20)
+    assert step_cost.step_flops(vit, chunked) == f * (20 + 3 * 20)
+    assert step_cost.step_flops(vit, cached) == f * 3 * 20
     # Over 4 devices each holds 5 rows: chunk 5 is the whole per-device batch.
-    assert benchmark.step_flops(vit, chunked, num_devices=4) == f * (20 + 2 * 20)
+    assert step_cost.step_flops(vit, chunked, num_devices=4) == f * (20 + 2 * 20)
 
 
 def test_data_bench_times_every_thread_count(capsys):
-    import data_bench
+    from lgm_jax import data_bench
 
     argv = ["--images", "12", "--batch", "4", "--batches", "1", "--threads", "1", "2"]
     assert data_bench.main(argv) == 0
@@ -118,10 +137,10 @@ def test_data_bench_times_every_thread_count(capsys):
 @pytest.mark.parametrize(
     "flags, real_sites, syn_sites",
     [
-        (["--chunk", "2"], 1, 2),  # chunked: features pass + the VJP's own forward
+        (["--chunk-size", "2"], 1, 2),  # chunked: features pass + the VJP's own forward
         ([], 1, 1),  # one chunk: the VJP's forward gives the features
-        (["--real", "features"], 0, 1),  # cached real features: no real forward
-        (["--chunk", "2", "--remat", "--remat-policy", "matmuls"], 1, 3),  # + remat's re-run
+        (["--real-input", "features"], 0, 1),  # cached real features: no real forward
+        (["--chunk-size", "2", "--remat", "--remat-policy", "matmuls"], 1, 3),  # + remat's re-run
     ],
 )
 def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_sites):
@@ -129,8 +148,8 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
     # tiny backbone is cuDNN's fused kernel, one forward site per pass of the program (which is
     # how the FLOP count's passes show in it), one backward per layer (the backward to the
     # synthetic images), no host round trip, and the state's buffers are donated.
-    argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
-    argv += ["--input-res", "28", "--dtype", "bfloat16", "--attention", "cudnn"]
+    argv = TINY + ["--classes", "4", "--aug-rounds", "2", "--dtype", "bfloat16"]
+    argv += ["--attention", "cudnn"]
     r = benchmark.lower(benchmark.parse(argv + flags + ["--lower", "cuda"]))
     depth = 2
     assert r["custom_calls"] == {
@@ -147,7 +166,7 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
     from lgm_jax.models.vit import ViT
 
     if jax.default_backend() != "gpu":
-        vit = benchmark.vit_config("tiny", 28, "bfloat16", False, attention="cudnn")
+        vit = tiny_config(dtype="bfloat16", attention="cudnn")
         with pytest.raises(RuntimeError, match="cuDNN"):
             jax.eval_shape(ViT(vit).init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
 
@@ -155,29 +174,26 @@ def test_cudnn_step_lowers_for_cuda_with_fused_attention(flags, real_sites, syn_
 @pytest.mark.parametrize("mesh", [False, True])
 def test_xla_step_lowers_for_tpu_without_custom_calls(mesh):
     # With --mesh, over the 8 test devices: donation is then marked per argument for XLA to pair.
-    argv = ["--backbone", "tiny", "--classes", "4", "--aug-rounds", "2", "--syn-res", "32"]
-    argv += ["--input-res", "28", "--chunk", "2", "--lower", "tpu", "--json", os.devnull]
-    r = benchmark.main(argv + ["--mesh"] * mesh)
+    argv = TINY + ["--classes", "4", "--aug-rounds", "2", "--chunk-size", "2", "--lower", "tpu"]
+    r = benchmark.measure(benchmark.parse(argv + ["--json", os.devnull] + ["--mesh"] * mesh))
     assert r["lowered_for"] == "tpu" and r["custom_calls"] == {} and r["host_calls"] == []
     assert r["donated_inputs"] == 21  # the whole state: 6 levels, 12 moments, 3 scalars/keys
     if mesh:
         return
-    from lgm_jax import lgm
-
-    vit = benchmark.vit_config("tiny", 28, "bfloat16", False)
+    vit = tiny_config(dtype="bfloat16")
     step = lgm.StepConfig(num_classes=4, aug_rounds=2, chunk_size=2)
-    assert r["flops_per_step"] == benchmark.step_flops(vit, step)
+    assert r["flops_per_step"] == step_cost.step_flops(vit, step)
 
 
 def test_residual_count_follows_the_remat_policy():
-    # Tiny backbone, float32, 28 px: T = 5 tokens, D = 64, M = 256, depth 2.
-    t, d, m, depth, f32 = 5, 64, 256, 2, 4
+    # Tiny backbone, float32, 28 px: T = 5 tokens, D = 64, M = 256, depth 2, 2 heads.
+    t, d, m, depth, heads, f32 = 5, 64, 256, 2, 2, 4
     none, matmuls, block = (
-        benchmark.residual_bytes_per_row(benchmark.vit_config("tiny", 28, "float32", r, "xla", p))
+        step_cost.residual_bytes_per_row(tiny_config(remat=r, remat_policy=p))
         for r, p in ((False, "block"), (True, "matmuls"), (True, "block"))
     )
     # "block" keeps at least each block's input; "matmuls" also q, k, v and the MLP hidden layer;
     # without remat everything the backward needs (attention probabilities included).
     assert block >= depth * t * d * f32
     assert matmuls >= block + depth * t * (3 * d + m) * f32
-    assert none > matmuls + depth * 4 * t * t * f32  # 4 heads' [T, T] probabilities per layer
+    assert none > matmuls + depth * heads * t * t * f32  # the heads' [T, T] probabilities

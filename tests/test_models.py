@@ -231,15 +231,10 @@ def test_lgm_step_runs_with_a_tiny_backbone():
 def test_recomputed_norms_and_activations_keep_values_and_save_memory(name, monkeypatch):
     """LayerNorms and MLP activations recompute their insides in the backward pass (vit.py):
     the same parameters, features and input gradients as without, and less kept per image."""
-    import pathlib
-    import sys
-
     from flax import linen as nn
 
+    from lgm_jax import benchmark
     from lgm_jax.models import vit
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-    import benchmark
 
     backbone, params = registry.build(name, depth=2)
     s = backbone.input_res

@@ -16,9 +16,10 @@
 # limit so that one failure (out of memory, a hang) does not use up the budget. Rows in order of
 # importance; a summary table is printed last.
 #
-# GOLDEN=path/to/golden/lgm_step also runs tools/golden_check.py on the GPU first. The golden
-# arrays live outside the checkout (../shared/golden, 36 MB); to take them to a device machine,
-# copy them into an ignored folder of the checkout (e.g. .golden/) and carry that path.
+# GOLDEN=path/to/golden/lgm_step also runs the golden check (python -m lgm_jax.golden) on the
+# GPU first. The golden arrays live outside the checkout (../shared/golden, 36 MB); to take them
+# to a device machine, copy them into an ignored folder of the checkout (e.g. .golden/) and carry
+# that path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest="${OUT:-$PWD/gpu_bench_out}"
@@ -40,12 +41,12 @@ common=(--backbone dinov2_vitb --dtype bfloat16 --ipc 1 --syn-res 256 --input-re
   --steps 5 --warmup 1)
 # GPU_BENCH_SMOKE=1: the same script on a CPU with the tiny backbone, 10x fewer classes and XLA
 # attention, to check the script itself before spending device time on it; each row is also
-# traced and lowered for CUDA at its full size with its own flags (benchmark.py --lower cuda).
+# traced and lowered for CUDA at its full size with its own flags (lgm_jax.benchmark --lower cuda).
 smoke="${GPU_BENCH_SMOKE:-0}"
 full=("${common[@]}")
 if [ "$smoke" = 1 ]; then
   mkdir -p "$out/lowered"
-  common=(--backbone tiny --dtype float32 --ipc 1 --syn-res 32 --input-res 28 --steps 1 --warmup 1)
+  common=(--backbone dinov2_tiny --dtype float32 --ipc 1 --syn-res 32 --input-res 28 --steps 1 --warmup 1)
 fi
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee "$out/gpu.txt"
@@ -54,12 +55,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 
 if [ -n "${GOLDEN:-}" ]; then
   echo "== golden check on the GPU"
-  timeout 120 "$py" tools/golden_check.py --golden "$GOLDEN" >"$out/golden.txt" 2>&1
+  timeout 120 "$py" -m lgm_jax.golden --golden "$GOLDEN" >"$out/golden.txt" 2>&1
   echo "golden rc $?: $(tail -n 1 "$out/golden.txt")"
 fi
 
 echo "== host data pipeline (JPEG read/decode/resize/crop), images/s by decoding threads"
-timeout 60 "$py" tools/data_bench.py --threads 1 4 8 16 --images $((smoke ? 40 : 300)) \
+timeout 60 "$py" -m lgm_jax.data_bench --threads 1 4 8 16 --images $((smoke ? 40 : 300)) \
   --batch $((smoke ? 10 : 100)) 2>&1 | tee "$out/data_bench.txt" | tail -n 5
 
 # The device runs one command for at most 10 minutes: rows stop being started when less than
@@ -83,7 +84,7 @@ row() {  # name, time limit (s), flags... ("profile" as the first flag: trace 2 
   if [ "$smoke" = 1 ]; then  # fewer classes, XLA attention, no chunk or remat-policy change
     # First the row as the GPU will run it (ViT-B/14, cuDNN attention), lowered for CUDA only.
     echo "== $name lowered for cuda: $*"
-    "$py" tools/benchmark.py "${full[@]}" "$@" --lower cuda --json "$out/lowered/$name.json" \
+    "$py" -m lgm_jax.benchmark "${full[@]}" "$@" --lower cuda --json "$out/lowered/$name.json" \
       2>"$out/lowered/$name.err" | sed -n 2,3p \
       || echo "!! $name does not lower for cuda: $(tail -n 1 "$out/lowered/$name.err")"
     local args=() prev=""
@@ -97,7 +98,7 @@ row() {  # name, time limit (s), flags... ("profile" as the first flag: trace 2 
   fi
   echo "== $name: $*"
   local rc=0
-  timeout "$limit" "$py" tools/benchmark.py "${common[@]}" "$@" "${prof[@]}" \
+  timeout "$limit" "$py" -m lgm_jax.benchmark "${common[@]}" "$@" "${prof[@]}" \
     --json "$out/$name.json" 2>"$out/$name.err" || rc=$?
   if [ -n "${prof[*]}" ] && [ -f "$out/traces/$name/step.hlo.txt.gz" ]; then
     cp "$out/traces/$name/step.hlo.txt.gz" "$out/$name.hlo.txt.gz"
@@ -120,23 +121,23 @@ row() {  # name, time limit (s), flags... ("profile" as the first flag: trace 2 
 }
 
 # ImageNet-100 (C = 100, K = 10: 1000 synthetic rows + 1000 real images), fused attention.
-row in100_cached 110 profile --classes 100 --aug-rounds 10 --real features --chunk 200 --attention cudnn
-row in100_online 120 profile --classes 100 --aug-rounds 10 --real images --chunk 200 --attention cudnn
+row in100_cached 110 profile --classes 100 --aug-rounds 10 --real-input features --chunk-size 200 --attention cudnn
+row in100_online 120 profile --classes 100 --aug-rounds 10 --real-input images --chunk-size 200 --attention cudnn
 # ImageNet-1k (C = 1000, K = 3: 3000 + 3000).
-row in1k_online 160 profile --classes 1000 --aug-rounds 3 --real images --chunk 200 --attention cudnn
+row in1k_online 160 profile --classes 1000 --aug-rounds 3 --real-input images --chunk-size 200 --attention cudnn
 # One chunk: the forward pass is kept for the backward one (2 forwards per synthetic row instead
-# of 3). Kept per row (benchmark.py --lower): 36.5 MiB with remat "matmuls" (q/k/v and
+# of 3). Kept per row (lgm_jax.benchmark --lower): 36.5 MiB with remat "matmuls" (q/k/v and
 # MLP-hidden projections kept; norms, attention and activations recomputed, ~2.05 forwards;
 # 35.7 GiB for 1000 rows), 50.2 MiB without remat (49 GiB: above the 40 GiB target, the
 # fewest FLOPs), 4.9 MiB with "block" (3 forwards).
-row in100_cached_whole_matmuls 110 profile --classes 100 --aug-rounds 10 --real features --remat --remat-policy matmuls --attention cudnn
-row in100_online_whole_matmuls 110 --classes 100 --aug-rounds 10 --real images --remat --remat-policy matmuls --attention cudnn
-row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real features --attention cudnn
+row in100_cached_whole_matmuls 110 profile --classes 100 --aug-rounds 10 --real-input features --remat --remat-policy matmuls --attention cudnn
+row in100_online_whole_matmuls 110 --classes 100 --aug-rounds 10 --real-input images --remat --remat-policy matmuls --attention cudnn
+row in100_cached_whole 100 --classes 100 --aug-rounds 10 --real-input features --attention cudnn
 # What the fused kernel buys.
-row in100_online_xla 110 --classes 100 --aug-rounds 10 --real images --chunk 200
+row in100_online_xla 110 --classes 100 --aug-rounds 10 --real-input images --chunk-size 200
 # The reference's smallest setting (10 classes, K = 10), one chunk: 2 forwards per synthetic row.
-row c10_online 60 --classes 10 --aug-rounds 10 --real images --attention cudnn
-row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real features --remat --attention cudnn
+row c10_online 60 --classes 10 --aug-rounds 10 --real-input images --attention cudnn
+row in100_cached_whole_block 100 --classes 100 --aug-rounds 10 --real-input features --remat --attention cudnn
 
 "$py" - "$out" <<'EOF'
 import glob, json, os, sys
