@@ -1,6 +1,6 @@
 """Parity of every family's Flax model with its PyTorch original (tiny random models, offline).
 
-Each PyTorch model is converted with tools/convert_weights.py's functions and both are run on
+Each PyTorch model is converted with lgm_jax.convert's functions and both are run on
 the same random batch, at the resolution their position embeddings were built for and at
 another one (resized as the PyTorch model resizes them).
 """
@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch_models as tm
 
+from lgm_jax import convert as cw
 from lgm_jax.models import registry, weights
-
-cw = tm.convert_weights
 
 # (id, builder, (native size, other size)): native = the size the torch model was built for.
 CASES = [
@@ -62,8 +61,10 @@ def test_mocov3_other_resolution_rebuilds_sincos():
     assert rel < 1e-4
 
 
-def test_mocov3_original_checkpoint_keys(tmp_path):
+def test_mocov3_original_checkpoint_keys(tmp_path, monkeypatch):
     """The original .pth.tar layout (module.base_encoder., momentum encoder, predictor) loads."""
+    # torch_models loads tools/convert_weights.py, now a shell: give it the package's functions.
+    monkeypatch.setattr(tm, "convert_weights", cw)
     family, model = tm.plain("mocov3", 32)
     path = tmp_path / "vit-tiny.pth.tar"
     state = tm.mocov3_original_state(model)
@@ -82,7 +83,7 @@ def test_mocov3_rejects_learned_table():
 
 
 def test_cli_converts_and_verifies(tmp_path, capsys):
-    """transformers directory -> convert_weights.py --verify -> registry.build reads it."""
+    """transformers directory -> python -m lgm_jax.convert --verify -> registry.build reads it."""
     _, model = tm.dinov2(56)
     src, out = tmp_path / "src", tmp_path / "out"
     model.save_pretrained(src)
@@ -91,7 +92,7 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
         str(src),
         "--out",
         str(out),
-        "--image-size",
+        "--input-res",
         "28",
         "--verify",
         "--verify-size",
@@ -100,12 +101,26 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     assert cw.main(argv) == 0
     text = capsys.readouterr().out
     assert "verify at 28 px" in text and "verify at 42 px" in text
-    backbone, params = registry.build("dinov2_vitb", weights_dir=str(out))
+    backbone, params = registry.build("dinov2_vitb", str(out))
     assert backbone.family == "dinov2" and backbone.config.input_res == 28
     x = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         ref = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output
-    ours = np.asarray(registry.features_fn(backbone)(params, x))
+    ours = np.asarray(backbone.features(params, x))
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(weights.CheckpointMismatch, match="dinov2"):
-        registry.build("clip_vitb", weights_dir=str(out))
+        registry.build("clip_vitb", str(out))
+
+
+@pytest.mark.parametrize("source", ["missing/vit-b.pth.tar", "./no-such-dir", "/no/such/model"])
+def test_missing_local_source_is_an_input_error(tmp_path, capsys, source):
+    assert cw.main(["--source", source, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --source") and "no such file or directory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        cw.main(["--help"])
+    assert e.value.code == 0 and "python -m lgm_jax.convert" in capsys.readouterr().out
