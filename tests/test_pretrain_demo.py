@@ -1,19 +1,12 @@
-"""tools/pretrain_demo_backbone.py: SimCLR on a few images lowers the loss; the weights load."""
-
-import pathlib
-import sys
+"""python -m lgm_jax.pretrain_demo: SimCLR on a few images lowers the loss; the weights load."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import pretrain_demo_backbone as pretrain_tool  # noqa: E402
-
-from lgm_jax.models import registry  # noqa: E402
+from lgm_jax import pretrain_demo as pretrain_tool
+from lgm_jax.models import registry
 
 
 def _images(n=16, res=32):
@@ -48,7 +41,7 @@ def test_pretrain_lowers_loss_and_weights_load(tmp_path):
     loaded, lparams = registry.build("dinov2_tiny", str(tmp_path))
     assert loaded.config == backbone.config
     x = jnp.asarray(images[:4, 2:30, 2:30], jnp.float32) / 255.0
-    f = registry.features_fn(loaded)
+    f = loaded.features
     np.testing.assert_allclose(f(lparams, x), f(params, x), rtol=1e-5, atol=1e-5)
     _, random_params = registry.build("dinov2_tiny")
     assert not np.allclose(f(random_params, x), f(lparams, x))
@@ -57,3 +50,8 @@ def test_pretrain_lowers_loss_and_weights_load(tmp_path):
 def test_pretrain_rejects_float_images():
     with pytest.raises(ValueError, match="uint8"):
         pretrain_tool.pretrain(np.zeros((4, 32, 32, 3), np.float32), steps=1)
+
+
+def test_bad_settings_are_input_errors(tmp_path, capsys):
+    assert pretrain_tool.main(["--out", str(tmp_path), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --steps")
