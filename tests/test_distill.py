@@ -71,6 +71,7 @@ def test_run_writes_images_labels_and_pngs(reference):
     assert z["images"].shape == (10, 4, 4, 3) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["labels"], np.arange(10))
     assert int(z["step"]) == 10
+    assert str(z["dataset"]) == "mnist_demo" and str(z["backbone"]) == "dinov2_tiny"
     assert len(list((reference / "images").glob("class_*.png"))) == 10
     assert (reference / "images" / "final.png").exists()
     assert (reference / "config.json").exists()
@@ -128,7 +129,7 @@ def test_workdir_of_another_run_is_refused(reference, env, tmp_path):
 
 def test_unknown_config_key_and_backbone_are_refused(env, tmp_path):
     rc, out = _run(tmp_path, env, "--config.learning_rate=1")
-    assert rc != 0 and "unknown config key" in out and "learning_rate" in out
+    assert rc == 2 and "unknown config key" in out and "learning_rate" in out
     rc, out = _run(tmp_path, env, "--config.backbone=dinov9")
     assert rc == 2 and "unknown backbone 'dinov9'" in out
 
