@@ -61,10 +61,8 @@ def test_mocov3_other_resolution_rebuilds_sincos():
     assert rel < 1e-4
 
 
-def test_mocov3_original_checkpoint_keys(tmp_path, monkeypatch):
+def test_mocov3_original_checkpoint_keys(tmp_path):
     """The original .pth.tar layout (module.base_encoder., momentum encoder, predictor) loads."""
-    # torch_models loads tools/convert_weights.py, now a shell: give it the package's functions.
-    monkeypatch.setattr(tm, "convert_weights", cw)
     family, model = tm.plain("mocov3", 32)
     path = tmp_path / "vit-tiny.pth.tar"
     state = tm.mocov3_original_state(model)

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import torch
 
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_weights.py")
-_spec = importlib.util.spec_from_file_location("convert_weights", _TOOL)
-convert_weights = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_weights)
+from lgm_jax import convert
 
 W, D, H = 64, 2, 2  # width, depth, heads
 
@@ -109,7 +103,7 @@ def plain(family: str, input_res: int = 32):
 
 def mocov3_original_state(model) -> dict:
     """The keys of an original MoCo-v3 .pth.tar: module.base_encoder.*, momentum encoder, head."""
-    state = convert_weights.state_numpy(model)
+    state = convert.state_numpy(model)
     out = {f"module.base_encoder.{k}": v for k, v in state.items()}
     out.update({f"module.momentum_encoder.{k}": v for k, v in state.items()})
     out["module.base_encoder.head.0.weight"] = np.zeros((8, W), np.float32)
