@@ -249,6 +249,111 @@ def _device_rows(cfg: StepConfig, axis: str | None, num_devices: int):
     return real_rows, real_rows, 0
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Share:
+    """This device's share of one step, as every phase of `meta_grad` sees it."""
+
+    cfg: StepConfig
+    axis: str | None  # the mesh axis inside shard_map, else None
+    real_rows: jax.Array  # global row ids (see _device_rows)
+    syn_rows: jax.Array
+    first: int | jax.Array  # index of the first image it holds in the whole set
+    chunk: int  # rows per backbone call
+
+    @property
+    def n_chunks(self) -> int:
+        return self.real_rows.shape[0] // self.chunk  # as many synthetic rows as real ones
+
+    def psum(self, x):
+        return jax.lax.psum(x, self.axis) if self.axis else x
+
+    def vary(self, x):
+        """Mark a replicated value as per-device (shard_map's type system) where it meets one."""
+        return jax.lax.pcast(x, self.axis, to="varying") if self.axis else x
+
+    def index(self, r):
+        """Synthetic row -> its image within the held levels."""
+        return r % self.cfg.num_syn - self.first
+
+    def gather(self, levels, r):
+        """The pyramid rows of the images of synthetic rows r (one per row)."""
+        return tuple(level[self.index(r)] for level in levels)
+
+
+def _check_shapes(levels, real, cfg: StepConfig, num_devices: int) -> None:
+    """Refuse a device's share of the inputs that is not the one its rows are computed for."""
+    local = cfg.num_real // num_devices
+    if real.shape[0] != local:
+        raise ValueError(f"expected {local} real rows per device, got {real.shape[0]}")
+    held = cfg.num_syn // num_devices if cfg.state_sharding == "class" else cfg.num_syn
+    if levels[0].shape[0] != held:
+        raise ValueError(f"expected {held} synthetic images per device, got {levels[0].shape[0]}")
+
+
+def _real_side(features: FeatureFn, params, real, real_labels, probe, key, share: _Share):
+    """g_real: the probe gradient of the whole real batch (this device's rows joined by psum)."""
+    cfg = share.cfg
+    if cfg.real_input == "features":
+        z_real = real.astype(jnp.float32)
+    else:
+        real_fn = lambda x, r: real_features(
+            features, params, x, augment.sample_rows(key, r, cfg.augment), cfg
+        )
+        with jax.named_scope("real_features"):
+            z_real = _map_chunks(real_fn, (real, share.real_rows), share.chunk)
+    with jax.named_scope("probe"):
+        return share.psum(probe_grad(*probe, z_real, real_labels, cfg.num_real))
+
+
+def _syn_row_features(features: FeatureFn, params, key, cfg: StepConfig, rows_levels, r):
+    """Features of synthetic rows r from their own pyramid rows (one per row)."""
+    with jax.named_scope("decode"):
+        imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
+    with jax.named_scope("augment"):
+        x = augment.apply(imgs, augment.sample_rows(key, r, cfg.augment), cfg.augment)
+    return features(params, normalize(x, cfg.mean, cfg.std))
+
+
+def _syn_forward(syn_fn, levels, own_levels, share: _Share):
+    """(Z [rows, F] of this device's synthetic rows, pull). In one chunk, pull takes dL/dZ back
+    to `own_levels` (the forward pass is kept for it); chunked, nothing is kept and pull is None."""
+    rows = share.syn_rows
+    with jax.named_scope("syn_features"):
+        if share.n_chunks == 1:
+            return jax.vjp(lambda lv: syn_fn(share.gather(lv, rows), rows), own_levels)
+        return _map_chunks(lambda r: syn_fn(share.gather(levels, r), r), (rows,), share.chunk), None
+
+
+def _loss_and_dz(probe, g_real, z_syn, labels, share: _Share):
+    """(meta-loss, dL/dZ): g_syn sums per-row terms of Z, so its pull-back is closed-form."""
+    partial_g = lambda z: probe_grad(*probe, z, labels, share.cfg.num_real)
+    with jax.named_scope("probe"):
+        g_syn = share.psum(partial_g(z_syn))
+        loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
+        d_z = jax.vjp(partial_g, z_syn)[1](share.vary(d_gsyn))[0]
+    return loss, d_z
+
+
+def _syn_backward(syn_fn, pull, own_levels, d_z, share: _Share):
+    """dL/dlevels: `pull` of the one chunk, or each chunk run again under `jax.vjp` and added
+    into the rows of its images in place (one chunk's activations alive at a time)."""
+
+    def backward(acc, xs):
+        r, dz = xs
+        (d_rows,) = jax.vjp(lambda rl: syn_fn(rl, r), share.gather(own_levels, r))[1](dz)
+        return tuple(a.at[share.index(r)].add(g) for a, g in zip(acc, d_rows)), None
+
+    with jax.named_scope("syn_backward"):
+        if pull is not None:
+            (grads,) = pull(d_z)
+        else:
+            n, chunk = share.n_chunks, share.chunk
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, own_levels)
+            rows_dz = (share.syn_rows.reshape(n, chunk), d_z.reshape(n, chunk, -1))
+            grads, _ = jax.lax.scan(backward, zeros, rows_dz)
+        return grads if share.cfg.state_sharding == "class" else share.psum(grads)
+
+
 def meta_grad(
     levels,
     params,
@@ -280,73 +385,21 @@ def meta_grad(
     the forward pass is kept for the backward one instead.
     """
     k_probe, k_real, k_syn = keys
-    by_class = cfg.state_sharding == "class"
-    psum = (lambda x: jax.lax.psum(x, axis)) if axis else (lambda x: x)
-    # Mark a replicated value as per-device (shard_map's type system) where it meets one.
-    vary = (lambda x: jax.lax.pcast(x, axis, to="varying")) if axis else (lambda x: x)
-    w, b = sample_probe(k_probe, cfg.num_classes, feat_dim, cfg.probe_std)
-    local = cfg.num_real // num_devices
-    if real.shape[0] != local:
-        raise ValueError(f"expected {local} real rows per device, got {real.shape[0]}")
-    held = cfg.num_syn // num_devices if by_class else cfg.num_syn
-    if levels[0].shape[0] != held:
-        raise ValueError(f"expected {held} synthetic images per device, got {levels[0].shape[0]}")
-    real_rows, syn_rows, first = _device_rows(cfg, axis, num_devices)
-    chunk = chunk_size(local, cfg.chunk_size)
-    n_chunks = local // chunk
-
+    probe = sample_probe(k_probe, cfg.num_classes, feat_dim, cfg.probe_std)
+    _check_shapes(levels, real, cfg, num_devices)
+    chunk = chunk_size(cfg.num_real // num_devices, cfg.chunk_size)
+    share = _Share(cfg, axis, *_device_rows(cfg, axis, num_devices), chunk)
     # The named scopes label the phases of the step in profiles (lgm_jax/profiling.py).
-    if cfg.real_input == "features":
-        z_real = real.astype(jnp.float32)
-    else:
-        real_fn = lambda x, r: real_features(
-            features, params, x, augment.sample_rows(k_real, r, cfg.augment), cfg
-        )
-        with jax.named_scope("real_features"):
-            z_real = _map_chunks(real_fn, (real, real_rows), chunk)
-    with jax.named_scope("probe"):
-        g_real = psum(probe_grad(w, b, z_real, real_labels, cfg.num_real))
-
-    def syn_fn(rows_levels, r):
-        """Features of synthetic rows r from their own pyramid rows (one per row)."""
-        with jax.named_scope("decode"):
-            imgs = pyramid.decode(rows_levels, cfg.syn_res, cfg.decorrelate_colors)
-        with jax.named_scope("augment"):
-            x = augment.apply(imgs, augment.sample_rows(k_syn, r, cfg.augment), cfg.augment)
-        return features(params, normalize(x, cfg.mean, cfg.std))
-
-    index = lambda r: r % cfg.num_syn - first  # row -> image within the held levels
-    gather = lambda lv, r: tuple(level[index(r)] for level in lv)
+    g_real = _real_side(features, params, real, real_labels, probe, k_real, share)
+    syn_fn = functools.partial(_syn_row_features, features, params, k_syn, cfg)
     # Differentiate with respect to a per-device copy of replicated levels: the cotangent of a
-    # replicated input would already be summed over devices, and the psum below would count it
-    # D times. Class-sharded levels are per-device already.
-    own_levels = levels if by_class else vary(levels)
-    labels = syn_labels(cfg)[syn_rows % cfg.num_syn]
-    partial_g = lambda z: probe_grad(w, b, z, labels, cfg.num_real)
-
-    with jax.named_scope("syn_features"):
-        if n_chunks == 1:
-            z_syn, pull = jax.vjp(lambda lv: syn_fn(gather(lv, syn_rows), syn_rows), own_levels)
-        else:
-            z_syn = _map_chunks(lambda r: syn_fn(gather(levels, r), r), (syn_rows,), chunk)
-    with jax.named_scope("probe"):
-        g_syn = psum(partial_g(z_syn))
-        loss, d_gsyn = jax.value_and_grad(match_loss, argnums=1)(g_real, g_syn)
-        d_z = jax.vjp(partial_g, z_syn)[1](vary(d_gsyn))[0]
-
-    def backward(acc, xs):
-        r, dz = xs
-        (d_rows,) = jax.vjp(lambda rl: syn_fn(rl, r), gather(own_levels, r))[1](dz)
-        return tuple(a.at[index(r)].add(g) for a, g in zip(acc, d_rows)), None
-
-    with jax.named_scope("syn_backward"):
-        if n_chunks == 1:
-            (grads,) = pull(d_z)
-        else:
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, own_levels)
-            rows_dz = (syn_rows.reshape(n_chunks, chunk), d_z.reshape(n_chunks, chunk, -1))
-            grads, _ = jax.lax.scan(backward, zeros, rows_dz)
-        return loss, (grads if by_class else psum(grads))
+    # replicated input would already be summed over devices, and the psum in _syn_backward would
+    # count it D times. Class-sharded levels are per-device already.
+    own_levels = levels if cfg.state_sharding == "class" else share.vary(levels)
+    labels = syn_labels(cfg)[share.syn_rows % cfg.num_syn]
+    z_syn, pull = _syn_forward(syn_fn, levels, own_levels, share)
+    loss, d_z = _loss_and_dz(probe, g_real, z_syn, labels, share)
+    return loss, _syn_backward(syn_fn, pull, own_levels, d_z, share)
 
 
 def apply_grads(state: State, loss, grads, tx) -> tuple[State, dict]:
