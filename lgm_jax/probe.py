@@ -139,10 +139,8 @@ def adam():
 
 
 def fit(batch_feats, labels, keys, n: int, feat_dim: int, cfg: ProbeConfig):
-    """Train one probe. batch_feats(idx [B], key) -> features [B, F] of those examples.
-
-    Returns the probe and the mean training loss of every epoch [E].
-    """
+    """Train one probe: (probe, mean training loss of every epoch [E]).
+    batch_feats(idx [B], key) -> features [B, F] of those examples."""
     k_init, k_shuffle, k_draw = keys
     probe = lgm.sample_probe(k_init, cfg.num_classes, feat_dim, cfg.probe_std)
     tx, b, spe, lr_of = adam(), cfg.batch(n), cfg.steps_per_epoch(n), cfg.schedule(n)
@@ -208,10 +206,7 @@ def _fit_views(feats, labels, seeds, rng, *, feat_dim, cfg):
 
     def one(feats, labels, seed):
         v = feats.shape[0]
-
-        def batch_feats(idx, key):
-            return feats[jax.random.randint(key, idx.shape, 0, v), idx]
-
+        batch_feats = lambda idx, key: feats[jax.random.randint(key, idx.shape, 0, v), idx]
         return fit(batch_feats, labels, seed_keys(rng, seed), feats.shape[1], feat_dim, cfg)
 
     axis = 0 if per_seed else None
@@ -248,13 +243,9 @@ def _train_sharded(
     # No collectives: every value is one device's own. Without check_vma a value made inside
     # the body that does not depend on the seed (the probe's zero bias) is not typed as
     # replicated, whose gradient shard_map would sum over the devices, i.e. over other seeds.
-    return jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(rep, data, data, by_seed, rep),
-        out_specs=by_seed,
-        check_vma=False,
-    )(params, images, labels, seeds, rng)
+    specs = dict(in_specs=(rep, data, data, by_seed, rep), out_specs=by_seed)
+    sharded = jax.shard_map(body, mesh=mesh, check_vma=False, **specs)
+    return sharded(params, images, labels, seeds, rng)
 
 
 def train_probes(
@@ -282,12 +273,10 @@ def train_probes(
     if per_seed and images.shape[0] != seeds:
         raise ValueError(f"{images.shape[0]} per-seed image sets for {seeds} seeds")
     mesh = seed_mesh(seeds, devices)
+    kw = dict(features=features, feat_dim=feat_dim, cfg=cfg)
     if mesh is None:
         fn = train_fast if cfg.views else train_exact
-        seed_ids = jnp.arange(seeds, dtype=jnp.uint32)
-        return fn(
-            params, images, labels, seed_ids, rng, features=features, feat_dim=feat_dim, cfg=cfg
-        )
+        return fn(params, images, labels, jnp.arange(seeds, dtype=jnp.uint32), rng, **kw)
     # Pad the seeds to a multiple of the devices (the extra probes are trained and dropped: the
     # time is that of ceil(S / D) seeds either way).
     padded = -(-seeds // mesh.size) * mesh.size
@@ -296,18 +285,9 @@ def train_probes(
         extra = np.arange(padded - seeds) % seeds
         images = jnp.concatenate([images, images[extra]])
         labels = jnp.concatenate([labels, labels[extra]])
+    train = _train_fast if cfg.views else _train_exact
     out = _train_sharded(
-        params,
-        images,
-        labels,
-        seed_ids,
-        rng,
-        train=_train_fast if cfg.views else _train_exact,
-        mesh=mesh,
-        per_seed=per_seed,
-        features=features,
-        feat_dim=feat_dim,
-        cfg=cfg,
+        params, images, labels, seed_ids, rng, train=train, mesh=mesh, per_seed=per_seed, **kw
     )
     return jax.tree_util.tree_map(lambda x: x[:seeds], out)
 
@@ -330,32 +310,95 @@ stream_step = jax.jit(
 )
 
 
-def _save_progress(path: str, probe, opt, epoch: int, losses, fingerprint: str) -> None:
-    leaves = jax.tree_util.tree_leaves((probe, opt))
-    arrays = {f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)}
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, epoch=epoch, losses=np.asarray(losses), fingerprint=fingerprint, **arrays)
-    os.replace(tmp, path)  # a kill during the write leaves the previous file whole
-
-
 class ProgressMismatch(ValueError):
     """A saved progress file that belongs to another probe run."""
 
 
-def _load_progress(path: str, probe, opt, fingerprint: str):
-    """(probe, opt, next epoch, losses) from `path`, or None when there is nothing to resume."""
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as f:
-        if str(f["fingerprint"]) != fingerprint:
-            raise ProgressMismatch(
-                f"{path} holds the progress of a different probe run (other data, backbone or "
-                "settings); delete it or write to another --out"
-            )
-        treedef = jax.tree_util.tree_structure((probe, opt))
-        leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
-        probe, opt = jax.tree_util.tree_unflatten(treedef, leaves)
-        return probe, opt, int(f["epoch"]) + 1, [float(x) for x in f["losses"]]
+@dataclasses.dataclass(frozen=True)
+class _Progress:
+    """One seed's progress file: its probe and Adam state after an epoch, that epoch, the losses
+    so far and the run's fingerprint. With path None nothing is kept."""
+
+    path: str | None
+    fingerprint: str
+
+    def save(self, probe, opt, epoch: int, losses) -> None:
+        if self.path is None:
+            return
+        leaves = jax.tree_util.tree_leaves((probe, opt))
+        arrays = {f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)}
+        tmp, fp = self.path + ".tmp.npz", self.fingerprint
+        np.savez(tmp, epoch=epoch, losses=np.asarray(losses), fingerprint=fp, **arrays)
+        os.replace(tmp, self.path)  # a kill during the write leaves the previous file whole
+
+    def load(self, probe, opt):
+        """(probe, opt, next epoch, losses), or None when there is nothing to resume."""
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        with np.load(self.path) as f:
+            if str(f["fingerprint"]) != self.fingerprint:
+                raise ProgressMismatch(
+                    f"{self.path} holds the progress of a different probe run (other data, "
+                    "backbone or settings); delete it or write to another --out"
+                )
+            treedef = jax.tree_util.tree_structure((probe, opt))
+            leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+            probe, opt = jax.tree_util.tree_unflatten(treedef, leaves)
+            return probe, opt, int(f["epoch"]) + 1, [float(x) for x in f["losses"]]
+
+
+def _start_seed(s: int, k_init, progress: _Progress, *, feat_dim: int, cfg: ProbeConfig):
+    """Seed s's (probe, Adam state, first epoch to run, losses so far): fresh or resumed."""
+    probe = lgm.sample_probe(k_init, cfg.num_classes, feat_dim, cfg.probe_std)
+    opt = adam().init(probe)
+    resumed = progress.load(probe, opt)
+    if resumed is None:
+        return probe, opt, 0, []
+    log.info("seed %d: resuming after epoch %d of %d", s, resumed[2] - 1, cfg.epochs)
+    return resumed
+
+
+def _read_epochs(load, n: int, k_shuffle, first: int, cfg: ProbeConfig, prefetch, workers):
+    """(epoch, step, (images, labels, mask) on the device) for every batch of epochs first..E-1,
+    read `prefetch` batches ahead by `workers` threads; rows `load` could not read are masked."""
+    b, spe = cfg.batch(n), cfg.steps_per_epoch(n)
+
+    def batches(e):
+        idx, mask = jax.device_get(epoch_batches(jax.random.fold_in(k_shuffle, e), n, b))
+        return [(e, j, idx[j], mask[j]) for j in range(spe)]
+
+    def read(item):
+        e, j, idx, mask = item
+        got = load(idx, mask, e)
+        ok = np.asarray(got["mask"], bool) & mask
+        return e, j, jax.device_put((got["image"], np.asarray(got["label"], np.int32), ok))
+
+    items = (item for e in range(first, cfg.epochs) for item in batches(e))
+    return prefetch_map(read, items, prefetch, workers)
+
+
+def _train_seed(features, params, load, n, s, progress, *, feat_dim, cfg, rng, prefetch, workers):
+    """Seed s's probe and its losses [E]: `fit`'s loop on batches read from the host, the
+    progress saved after every epoch."""
+    k_init, k_shuffle, k_draw = seed_keys(rng, jnp.uint32(s))
+    probe, opt, first, losses = _start_seed(s, k_init, progress, feat_dim=feat_dim, cfg=cfg)
+    spe, lr_of = cfg.steps_per_epoch(n), cfg.schedule(n)
+    step = functools.partial(stream_step, features=features, cfg=cfg)
+    total, t0 = jnp.zeros((), jnp.float32), time.time()
+    for e, j, batch in _read_epochs(load, n, k_shuffle, first, cfg, prefetch, workers):
+        key = jax.random.fold_in(k_draw, e * spe + j)
+        lr = jnp.float32(lr_of(e))
+        probe, opt, loss = step(probe, opt, params, *batch, key, lr)  # batch: images, labels, mask
+        total = total + loss
+        if j == spe - 1:
+            losses.append(float(total) / n)
+            total = jnp.zeros((), jnp.float32)
+            rate = n / max(time.time() - t0, 1e-9)
+            msg = "seed %d epoch %d/%d: loss %.4f, %.0f images/s"
+            log.info(msg, s, e + 1, cfg.epochs, losses[-1], rate)
+            t0 = time.time()
+            progress.save(probe, opt, e, losses)
+    return probe, losses
 
 
 def train_streamed(
@@ -388,54 +431,12 @@ def train_streamed(
     Returns ((W [S, C, F], b [S, C]), mean training loss of every epoch [S, E]).
     """
     rng = jax.random.key(0) if rng is None else rng
-    b, spe, lr_of = cfg.batch(n), cfg.steps_per_epoch(n), cfg.schedule(n)
-    tx = adam()
+    kw = dict(feat_dim=feat_dim, cfg=cfg, rng=rng, prefetch=prefetch, workers=workers)
     probes, all_losses = [], []
     for s in range(seeds):
-        k_init, k_shuffle, k_draw = seed_keys(rng, jnp.uint32(s))
-        probe = lgm.sample_probe(k_init, cfg.num_classes, feat_dim, cfg.probe_std)
-        opt, first, losses = tx.init(probe), 0, []
         path = None if progress is None else f"{progress}.seed{s}.npz"
-        if path is not None:
-            resumed = _load_progress(path, probe, opt, fingerprint)
-            if resumed is not None:
-                probe, opt, first, losses = resumed
-                log.info("seed %d: resuming after epoch %d of %d", s, first - 1, cfg.epochs)
-
-        def batches(e, k_shuffle=k_shuffle):
-            idx, mask = jax.device_get(epoch_batches(jax.random.fold_in(k_shuffle, e), n, b))
-            return [(e, j, idx[j], mask[j]) for j in range(spe)]
-
-        def read(item):
-            e, j, idx, mask = item
-            got = load(idx, mask, e)
-            ok = np.asarray(got["mask"], bool) & mask
-            x = (got["image"], np.asarray(got["label"], np.int32), ok)
-            return e, j, jax.device_put(x)
-
-        items = (item for e in range(first, cfg.epochs) for item in batches(e))
-        total, t0 = jnp.zeros((), jnp.float32), time.time()
-        for e, j, (images, labels, ok) in prefetch_map(read, items, prefetch, workers):
-            key = jax.random.fold_in(k_draw, e * spe + j)
-            lr = jnp.float32(lr_of(e))
-            probe, opt, loss = stream_step(
-                probe, opt, params, images, labels, ok, key, lr, features=features, cfg=cfg
-            )
-            total = total + loss
-            if j == spe - 1:
-                losses.append(float(total) / n)
-                total = jnp.zeros((), jnp.float32)
-                log.info(
-                    "seed %d epoch %d/%d: loss %.4f, %.0f images/s",
-                    s,
-                    e + 1,
-                    cfg.epochs,
-                    losses[-1],
-                    n / max(time.time() - t0, 1e-9),
-                )
-                t0 = time.time()
-                if path is not None:
-                    _save_progress(path, probe, opt, e, losses, fingerprint)
+        seed_progress = _Progress(path, fingerprint)
+        probe, losses = _train_seed(features, params, load, n, s, seed_progress, **kw)
         probes.append(probe)
         all_losses.append(losses)
     stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *probes)
@@ -478,18 +479,11 @@ def test_probes(
     features: FeatureFn, params, probes: Probe, batches: Iterable[dict], cfg: ProbeConfig
 ) -> dict[str, np.ndarray]:
     """Top-1 and top-5 accuracy [S] (fractions) of every seed's probe on padded test batches."""
-    top1 = top5 = 0
-    total = 0
+    top1 = top5 = total = 0
     for batch in batches:
-        c1, c5 = test_counts(
-            params,
-            probes,
-            jnp.asarray(batch["image"]),
-            jnp.asarray(batch["label"], jnp.int32),
-            jnp.asarray(batch["mask"]),
-            features=features,
-            cfg=cfg,
-        )
+        x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"], jnp.int32)
+        mask = jnp.asarray(batch["mask"])
+        c1, c5 = test_counts(params, probes, x, y, mask, features=features, cfg=cfg)
         top1, top5 = top1 + np.asarray(c1), top5 + np.asarray(c5)
         total += int(np.sum(batch["mask"]))
     if total == 0:
