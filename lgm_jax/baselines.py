@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lgm_jax import config_base, distilled, evaluate, probe
-from lgm_jax.errors import InputError, run_command
+from lgm_jax.errors import InputError, command_parser, run_command
 from lgm_jax.preprocess import centre_crop, normalize, to_unit
 
 # ----------------------------------------------------------------------------------------------
@@ -299,11 +299,7 @@ def run_full(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.baselines",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("baselines", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     cmds = {name: sub.add_parser(name) for name in ("random", "centroids", "neighbors", "full")}
     for name, c in cmds.items():

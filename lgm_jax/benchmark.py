@@ -48,6 +48,7 @@ import time
 import numpy as np
 
 from lgm_jax import config_base, errors, step_cost
+from lgm_jax.errors import command_parser
 from lgm_jax.step_cost import residual_bytes_per_row
 
 # The config keys a flag of the same name sets (the class count is passed to step_config).
@@ -456,11 +457,7 @@ def _mode_flags(p: argparse.ArgumentParser) -> None:
 def parse(argv=None) -> argparse.Namespace:
     """The flags, with the resolved settings: `args.settings` (the ConfigDict) and
     `args.classes`."""
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.benchmark",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("benchmark", __doc__)
     _setting_flags(p)
     _mode_flags(p)
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from lgm_jax.errors import InputError, run_command
+from lgm_jax.errors import InputError, command_parser, run_command
 
 TOLERANCE = 1e-4
 FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino")
@@ -296,11 +296,7 @@ def compare(family: str, model, backbone, params, size: int, batch: int = 2, see
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m lgm_jax.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("convert", __doc__)
     parser.add_argument("--source", required=True, help="a directory, hub id, timm name or file")
     parser.add_argument("--out", required=True, help="directory for the converted weights")
     parser.add_argument("--family", choices=FAMILIES)

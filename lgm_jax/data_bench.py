@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from lgm_jax import errors
+from lgm_jax.errors import command_parser
 
 
 def write_jpegs(root: str, n: int, classes: int = 4, size=(500, 375), seed: int = 0) -> None:
@@ -38,11 +39,7 @@ def write_jpegs(root: str, n: int, classes: int = 4, size=(500, 375), seed: int 
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.data_bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("data_bench", __doc__)
     p.add_argument("--folder", help="an image folder (root/<class>/<image>); default: generated")
     p.add_argument("--images", type=int, default=300, help="JPEGs to generate")
     p.add_argument("--batch", type=int, default=100)

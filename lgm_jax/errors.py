@@ -1,4 +1,5 @@
-"""A user's input error, and the one way every command reports it. A leaf module.
+"""The command-line convention: a user's input error, the one way every command reports it, and
+the one way every command builds its parser. A leaf module.
 
 An `InputError` is a mistake the user can fix (a wrong path, a file of the wrong kind, a setting
 out of range, a checkpoint or cache of another run); its message says what is wrong and how to
@@ -8,6 +9,7 @@ status 2. Every other exception is an internal error and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -30,3 +32,13 @@ def run_command(main: Callable[[], int | None]) -> int:
     except (InputError, FileNotFoundError) as e:
         return report(e)
     return status if isinstance(status, int) else 0
+
+
+def command_parser(command: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m lgm_jax.<command>`: its --help shows that name and `doc` (the
+    command's module docstring, which says what it does and gives an example) as written."""
+    return argparse.ArgumentParser(
+        prog=f"python -m lgm_jax.{command}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

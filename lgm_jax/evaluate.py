@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from lgm_jax import config_base, distilled, probe
-from lgm_jax.errors import InputError, run_command
+from lgm_jax.errors import InputError, command_parser, run_command
 
 
 def load_sets(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -325,11 +325,7 @@ def _options(a: argparse.Namespace) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("evaluate", __doc__)
     p.add_argument(
         "--distilled",
         nargs="+",
@@ -344,12 +340,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _grid_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.evaluate grid",
-        description="Evaluate every run on every backbone; write grid.md and grid.json.\n\n"
+    p = command_parser(
+        "evaluate grid",
+        "Evaluate every run on every backbone; write grid.md and grid.json.\n\n"
         "  python -m lgm_jax.evaluate grid --runs workdirs/a workdirs/b "
         "--backbones dinov2_vitb clip_vitb",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--runs", nargs="+", required=True, help="run dirs, optionally DIR=NAME")
     p.add_argument("--backbones", nargs="+", required=True)

@@ -406,9 +406,7 @@ example:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=COMMAND, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = errors.command_parser("feature_cache", DESCRIPTION)
     p.add_argument("--dataset", required=True, help="a lgm_jax.data.get_dataset name")
     p.add_argument("--data-dir", default=None, help="tfds data directory or image-folder root")
     p.add_argument(

@@ -13,7 +13,6 @@ augmentation rounds, real images and levels. The recorded settings become a conf
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import sys
 import numpy as np
 
 from lgm_jax import errors
+from lgm_jax.errors import command_parser
 
 # Tolerances (float32 on the CPU): pixel-level quantities and probe gradients ~1e-5,
 # pyramid gradients and the Adam step ~1e-4.
@@ -249,11 +249,7 @@ def print_table(rows) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lgm_jax.golden",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("golden", __doc__)
     parser.add_argument("--golden", required=True, help="a golden step directory")
     args = parser.parse_args(argv)
     return errors.run_command(lambda: 1 if print_table(run(args.golden)) else 0)

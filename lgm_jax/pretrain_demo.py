@@ -31,6 +31,7 @@ import optax
 from flax import linen as nn
 
 from lgm_jax import augment, errors
+from lgm_jax.errors import command_parser
 from lgm_jax.models import registry
 
 BACKBONE = "dinov2_tiny"
@@ -129,11 +130,7 @@ def pretrain(
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.pretrain_demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("pretrain_demo", __doc__)
     p.add_argument("--out", required=True, help="directory for the converted weights")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=256)

@@ -32,7 +32,6 @@ device's "XLA Ops" line where it has one (TPUs), else a device kernel that names
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -43,7 +42,7 @@ import re
 import sys
 import time
 
-from lgm_jax.errors import run_command
+from lgm_jax.errors import command_parser, run_command
 
 PHASES = ("real_features", "syn_features", "probe", "syn_backward", "optimizer")
 PARTS = {"ViT": "backbone", "decode": "decode", "augment": "augment"}
@@ -426,11 +425,7 @@ def read_text(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.profiling",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("profiling", __doc__)
     p.add_argument("trace_dir", help="the folder jax.profiler wrote (holding plugins/profile)")
     p.add_argument("--hlo", required=True, help="the step's optimised HLO text (.txt or .txt.gz)")
     p.add_argument("--steps", type=int, default=1, help="how many steps the trace holds")

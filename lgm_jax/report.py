@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from lgm_jax import errors
+from lgm_jax.errors import command_parser
 
 METHODS = ("distilled", "random", "centroids", "neighbors", "full")
 LABELS = {
@@ -123,11 +124,7 @@ def bar_chart(cells, path, title=None):
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m lgm_jax.report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("report", __doc__)
     p.add_argument("inputs", nargs="+", help="eval.json files or directories holding them")
     p.add_argument("--out", default="report", help="writes OUT.md and OUT.png")
     p.add_argument("--title", default=None)
