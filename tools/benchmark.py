@@ -1,3 +1,5 @@
+"""`python tools/benchmark.py ...` is `python -m lgm_jax.benchmark ...` (see its --help)."""
+
 import sys
 
 from lgm_jax.benchmark import main

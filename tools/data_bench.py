@@ -1,3 +1,5 @@
+"""`python tools/data_bench.py ...` is `python -m lgm_jax.data_bench ...` (see its --help)."""
+
 import sys
 
 from lgm_jax.data_bench import main

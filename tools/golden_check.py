@@ -1,3 +1,5 @@
+"""`python tools/golden_check.py ...` is `python -m lgm_jax.golden ...` (see its --help)."""
+
 import sys
 
 from lgm_jax.golden import main

@@ -1,3 +1,5 @@
+"""`python tools/pretrain_demo_backbone.py ...` is `python -m lgm_jax.pretrain_demo ...` (see its --help)."""
+
 import sys
 
 from lgm_jax.pretrain_demo import main

@@ -1,3 +1,5 @@
+"""`python tools/report.py ...` is `python -m lgm_jax.report ...` (see its --help)."""
+
 import sys
 
 from lgm_jax.report import main
