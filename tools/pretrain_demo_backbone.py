@@ -1,4 +1,4 @@
-"""`python tools/pretrain_demo_backbone.py ...` is `python -m lgm_jax.pretrain_demo ...` (see its --help)."""
+"""`python tools/pretrain_demo_backbone.py ...` is `python -m lgm_jax.pretrain_demo ...`."""
 
 import sys
 
