@@ -11,6 +11,7 @@ import torch
 from lgm_jax import augment, lgm
 from lgm_jax.models import dinov2, registry, weights
 from lgm_jax.models.vit import param_shapes
+from lgm_jax.preprocess import IMAGENET_MEAN
 
 FULL = [n for n in registry.NAMES if not n.endswith("_tiny")]
 TINY = [n for n in registry.NAMES if n.endswith("_tiny")]
@@ -99,7 +100,7 @@ def test_registry_names():
     }
     assert registry.get("clip_vitb").feature_dim == 512
     assert registry.get("eva02_vitl").feature_dim == 1024
-    assert registry.get("dinov2_vitb").mean == lgm.IMAGENET_MEAN
+    assert registry.get("dinov2_vitb").mean == IMAGENET_MEAN
     with pytest.raises(ValueError, match="unknown backbone"):
         registry.get("resnet50")
 
@@ -137,7 +138,7 @@ def test_checkpoint_mismatch_names_each_key():
 def test_converted_dir_round_trip_and_mismatch(tmp_path):
     backbone, params = registry.build("eva02_tiny", depth=1)
     registry.save_converted(str(tmp_path), backbone, params)
-    loaded, params2 = registry.build("eva02_tiny", weights_dir=str(tmp_path), dtype="bfloat16")
+    loaded, params2 = registry.build("eva02_tiny", str(tmp_path), dtype="bfloat16")
     assert loaded.config == backbone.config.replace(dtype="bfloat16")
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
     bad = registry.get("eva02_tiny", depth=1, width=32, heads=2, mlp_dim=85)
@@ -145,7 +146,7 @@ def test_converted_dir_round_trip_and_mismatch(tmp_path):
         str(tmp_path), registry.Backbone("eva02_tiny", "eva02", bad.config), params
     )
     with pytest.raises(weights.CheckpointMismatch, match="patch_embed/kernel"):
-        registry.build("eva02_tiny", weights_dir=str(tmp_path))
+        registry.build("eva02_tiny", str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["dinov2_reg_tiny", "eva02_tiny", "clip_tiny"])
@@ -154,9 +155,9 @@ def test_token_padding_leaves_features_unchanged(name):
     backbone, params = registry.build(name, depth=1)
     s = backbone.input_res
     x = jax.random.normal(jax.random.key(1), (2, s, s, 3))
-    plain = jax.jit(registry.features_fn(backbone))(params, x)
+    plain = jax.jit(backbone.features)(params, x)
     padded = registry.Backbone(name, backbone.family, backbone.config.replace(token_multiple=8))
-    out = jax.jit(registry.features_fn(padded))(params, x)
+    out = jax.jit(padded.features)(params, x)
     np.testing.assert_allclose(out, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -166,10 +167,7 @@ def test_remat_same_gradient(policy):
     x = jax.random.normal(jax.random.key(2), (2, 28, 28, 3))
     cfg = backbone.config.replace(remat=True, remat_policy=policy)
     remat = registry.Backbone("dinov2_tiny", "dinov2", cfg)
-    grads = [
-        jax.grad(lambda x, b=b: registry.features_fn(b)(params, x).sum())(x)
-        for b in (backbone, remat)
-    ]
+    grads = [jax.grad(lambda x, b=b: b.features(params, x).sum())(x) for b in (backbone, remat)]
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(grads[0]).max()) > 0
 
@@ -182,7 +180,7 @@ GRAD_NAMES = [n if n == "eva02_tiny" else pytest.param(n, marks=pytest.mark.slow
 def test_meta_loss_gradient_through_each_family(name):
     """jax.value_and_grad of the meta-loss through each tiny backbone: finite and non-zero."""
     backbone, params = registry.build(name, depth=1)  # one block: the maths is the same
-    features = registry.features_fn(backbone)
+    features = backbone.features
     cfg = lgm.StepConfig(
         num_classes=2,
         aug_rounds=1,
@@ -208,7 +206,7 @@ def test_lgm_step_runs_with_a_tiny_backbone():
     """One full jitted LGM update (lgm.make_step) through the EVA-02 tiny backbone."""
     name = "eva02_tiny"
     backbone, params = registry.build(name, depth=1)  # one block: the step's maths is the same
-    features = registry.features_fn(backbone)
+    features = backbone.features
     cfg = lgm.StepConfig(
         num_classes=2,
         aug_rounds=1,
