@@ -14,7 +14,8 @@ Workdir layout:
     images/step_<s>.png     a grid of the synthetic images every `image_every` steps
     images/class_<c>.png    one PNG per class at the end, and images/final.png, all of them
     config.json             the run's config
-    events.*                TensorBoard metrics (loss, steps/s, images/s)
+    events.*                TensorBoard: metrics (loss, steps/s, images/s), the synthetic grid
+                            every image_every steps, the run's config as text
     profile/                with config.profile.start >= 0: a trace of a few steps
 """
 
@@ -281,7 +282,7 @@ def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
             if done % config.log_every == 0 or step == last:
                 logger.log(step, jax.device_get(metrics), guard, len(state.levels))
             if config.image_every and done % config.image_every == 0:
-                _save_step_grid(r, state, done)
+                logger.image(_save_step_grid(r, state, done), done)
             if stop["sigterm"]:
                 log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
                 _checkpoint(r, state, guard)
@@ -336,12 +337,15 @@ def _traced_step(r: Run, state, step: int, real, labels, tracer):
     return state, metrics
 
 
-def _save_step_grid(r: Run, state, done: int) -> None:
+def _save_step_grid(r: Run, state, done: int) -> str | None:
+    """images/step_<done>.png, a grid of the synthetic images; its path (None off process 0)."""
     levels = host_levels(state.levels)  # every process: may be a collective
-    if r.is_main:
-        os.makedirs(os.path.join(r.workdir, "images"), exist_ok=True)
-        path = os.path.join(r.workdir, "images", f"step_{done:06d}.png")
-        distilled.save_grid(to_images(levels, r.config), path)
+    if not r.is_main:
+        return None
+    os.makedirs(os.path.join(r.workdir, "images"), exist_ok=True)
+    path = os.path.join(r.workdir, "images", f"step_{done:06d}.png")
+    distilled.save_grid(to_images(levels, r.config), path)
+    return path
 
 
 def _hlo_text(step_fn, *args) -> str:
@@ -357,6 +361,20 @@ class _Logger:
     def __init__(self, r: Run, start: int):
         self.r, self.t_last, self.s_last = r, time.time(), start
         self.writer = _summary_writer(r.workdir) if r.is_main else None
+        if self.writer is not None:  # the settings beside the curves (markdown: a code block)
+            text = r.config.to_json_best_effort(indent=2)
+            self.writer.add_text("config", "```\n" + text + "\n```", start)
+
+    def image(self, png: str | None, step: int) -> None:
+        """The grid PNG just written, as TensorBoard image "synthetic" at `step`."""
+        if self.writer is None or png is None:
+            return
+        from PIL import Image
+
+        with Image.open(png) as im:
+            grid = np.asarray(im.convert("RGB"))
+        self.writer.add_image("synthetic", grid, step, dataformats="HWC")
+        self.writer.flush()
 
     def log(self, step: int, m: dict, guard, num_levels: int) -> None:
         guard.check()

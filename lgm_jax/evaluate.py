@@ -260,7 +260,8 @@ def grid(
     reuse: bool = True,
     **kw,
 ) -> dict:
-    """Evaluate every run on every backbone (reusing existing eval.json), write grid.md/.json."""
+    """Evaluate every run on every backbone (reusing existing eval.json), write grid.md, grid.json
+    and grid.png (a heatmap of the same table)."""
     names, cells, entries = [], {}, []
     for run in runs:
         d, name = run_name(run)
@@ -291,8 +292,37 @@ def grid(
         f.write(md)
     with open(os.path.join(out, "grid.json"), "w") as f:
         json.dump({"backbones": list(backbones), "runs": names, "cells": entries}, f, indent=2)
+    grid_heatmap(list(dict.fromkeys(names)), backbones, cells, os.path.join(out, "grid.png"))
     print(md)
     return {"markdown": md, "cells": entries}
+
+
+def grid_heatmap(names: Sequence[str], backbones: Sequence[str], cells: dict, path: str) -> None:
+    """The cross-model table as a heatmap PNG: rows distilled with, columns evaluated on, each
+    cell's mean top-1 written in it (blank where not evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot as plt
+
+    values = np.full((len(names), len(backbones)), np.nan)
+    for i, name in enumerate(names):
+        for j, bb in enumerate(backbones):
+            if (name, bb) in cells:
+                values[i, j] = cells[(name, bb)]["mean"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(backbones), 1.2 + 0.6 * len(names)))
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=100)
+    ax.set_xticks(range(len(backbones)), backbones, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("distilled with")
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < 60 else "k")
+    fig.colorbar(im, ax=ax, label="top-1 %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

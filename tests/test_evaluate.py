@@ -249,6 +249,11 @@ def test_cli_end_to_end(tmp_path, fake_registries, capsys):
         == 0
     )
     md = (tmp_path / "grid" / "grid.md").read_text()
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid" / "grid.png") as heatmap:  # the same table as a picture
+        assert heatmap.size[0] > 100 and heatmap.size[1] > 100
+        assert np.asarray(heatmap.convert("L")).std() > 10  # drawn, not blank
     assert f"**{res['top1']['mean']:.1f} ± {res['top1']['std']:.1f}**" in md
     assert (
         json.loads((tmp_path / "grid" / "grid.json").read_text())["cells"][0]["evaluated_on"]
