@@ -10,6 +10,8 @@ real images they are matched against, before augmentation); `input_res` is the s
 backbone's input (what augmentation crops to).
 """
 
+import math
+
 import ml_collections
 
 from lgm_jax import augment, lgm
@@ -216,3 +218,111 @@ def probe_config(
         std=tuple(backbone.std),
         views=views if mode == "fast" else 0,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a config before anything slow
+
+
+def _is_pow2(v) -> bool:
+    return isinstance(v, int) and v >= 1 and v & (v - 1) == 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pair(lo_ok):
+    def ok(v):
+        return (
+            isinstance(v, (tuple, list))
+            and len(v) == 2
+            and all(_finite(x) for x in v)
+            and lo_ok(v[0])
+            and v[0] <= v[1]
+        )
+
+    return ok
+
+
+_INT = lambda lo: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+_PROB = lambda v: _finite(v) and 0 <= v <= 1
+_POSITIVE = lambda v: _finite(v) and v > 0
+_ONE_OF = lambda *names: lambda v: v in names
+_BOOL = lambda v: isinstance(v, bool)
+_RGB = lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_finite(x) for x in v)
+
+# key: (check, what is allowed). Keys not listed are free-form (paths, names checked where they
+# are opened: the dataset, the weights, the feature cache).
+RULES = {
+    "num_classes": (_INT(0), "an integer >= 0 (0: any)"),
+    "input_res": (_INT(1), "an integer >= 1"),
+    "dtype": (_ONE_OF("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "remat": (_BOOL, "true or false"),
+    "remat_policy": (_ONE_OF("block", "matmuls"), "'block' or 'matmuls'"),
+    "attention": (_ONE_OF("xla", "cudnn"), "'xla' or 'cudnn'"),
+    "mean": (_RGB, "three numbers"),
+    "std": (lambda v: _RGB(v) and all(x > 0 for x in v), "three numbers > 0"),
+    "ipc": (_INT(1), "an integer >= 1"),
+    "aug_rounds": (_INT(1), "an integer >= 1"),
+    "syn_res": (_is_pow2, "a power of two (1, 2, 4, ..., 256, ...)"),
+    "decorrelate_colors": (_BOOL, "true or false"),
+    "pyramid.pixels": (_BOOL, "true or false"),
+    "pyramid.start_res": (_is_pow2, "a power of two no larger than syn_res"),
+    "pyramid.grow_every": (_INT(1), "an integer >= 1"),
+    "pyramid.init_mode": (_ONE_OF("noise", "zero"), "'noise' or 'zero'"),
+    "augment.mode": (_ONE_OF("train", "off"), "'train' or 'off'"),
+    "augment.flip_p": (_PROB, "a probability in [0, 1]"),
+    "augment.noise_p": (_PROB, "a probability in [0, 1]"),
+    "augment.crop_scale": (_pair(lambda lo: lo > 0), "two numbers 0 < lo <= hi"),
+    "augment.crop_ratio": (_pair(lambda lo: lo > 0), "two numbers 0 < lo <= hi"),
+    "lr": (_POSITIVE, "a finite number > 0"),
+    "steps": (_INT(0), "an integer >= 0"),
+    "seed": (_INT(0), "an integer >= 0"),
+    "chunk_size": (_INT(0), "an integer >= 1, or 0 for the whole per-device batch"),
+    "real_input": (_ONE_OF("images", "features"), "'images' or 'features'"),
+    "state_sharding": (_ONE_OF("replicated", "class"), "'replicated' or 'class'"),
+    "prefetch": (_INT(1), "an integer >= 1"),
+    "data_threads": (_INT(0), "an integer >= 0 (0: min(32, CPUs))"),
+    "eval.at_end": (_BOOL, "true or false"),
+    "eval.seeds": (_INT(1), "an integer >= 1"),
+    "eval.epochs": (_INT(1), "an integer >= 1"),
+    "eval.mode": (_ONE_OF("exact", "fast"), "'exact' or 'fast'"),
+    "profile.start": (_INT(-1), "a step >= 0, or -1 for no profile"),
+    "profile.steps": (_INT(1), "an integer >= 1"),
+    "log_every": (_INT(1), "an integer >= 1"),
+    "image_every": (_INT(0), "an integer >= 0 (0: never)"),
+    "checkpoint_every": (_INT(0), "an integer >= 0 (0: only at the end and on SIGTERM)"),
+    "keep_checkpoints": (_INT(1), "an integer >= 1"),
+    "max_nonfinite": (_INT(0), "an integer >= 0 (0: never stop)"),
+    "distributed": (_BOOL, "true or false"),
+}
+
+
+def _lookup(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def check(config) -> None:
+    """Refuse a config with a value out of its range or set (an InputError naming every such
+    key, the value given and what is allowed); the backbone must be a registered name or a
+    factory: name. Runs in milliseconds, before any data or weights are read."""
+    from lgm_jax.models import registry
+
+    bad = []
+    for key, (ok, allowed) in RULES.items():
+        value = _lookup(config, key)
+        if not ok(value):
+            bad.append(f"{key}={value!r} (allowed: {allowed})")
+    if _is_pow2(config.pyramid.start_res) and _is_pow2(config.syn_res):
+        if config.pyramid.start_res > config.syn_res:
+            bad.append(f"pyramid.start_res={config.pyramid.start_res} (larger than syn_res)")
+    if config.backbone not in registry.NAMES and not config.backbone.startswith("factory:"):
+        bad.append(
+            f"backbone={config.backbone!r} (allowed: {', '.join(registry.NAMES)}, or "
+            "factory:<module>:<function>[:<arg>])"
+        )
+    if bad:
+        raise InputError("bad settings: " + "; ".join(bad))

@@ -179,6 +179,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, lgm.Sta
     checkpoint, or initialised (and the config written) when there is none."""
     from lgm_jax import data
 
+    config_base.check(config)  # every setting in range before anything slow
     if config.get("distributed", False):
         jax.distributed.initialize()
     if config.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
