@@ -186,6 +186,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, lgm.Sta
         # Each pyramid level re-traces the step; a restarted (preempted) run finds its
         # programs here instead of compiling them again.
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise InputError(f"--workdir {workdir} is a file, not a directory; name a directory")
     os.makedirs(workdir, exist_ok=True)
     ds = data.get_dataset(config.dataset, config.data_dir or None)
     if config.get("num_classes"):

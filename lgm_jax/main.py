@@ -11,6 +11,7 @@ exit status 2; a run stopped by a persistently non-finite loss exits with 3.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -41,6 +42,21 @@ def unknown_overrides(argv) -> list[str]:
     return bad
 
 
+def _missing_config_file(argv) -> str | None:
+    """What is wrong with --config=FILE[:ARG] when FILE does not exist (else None)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None:
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                return f"--config {path} not found: give a config file such as configs/demo.py"
+    return None
+
+
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -60,6 +76,9 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in argv[1:]):  # absl's own --help exits with status 1
         app.usage(shorthelp=True, writeto_stdout=True)
         return 0
+    missing = _missing_config_file(argv[1:])
+    if missing:
+        return errors.report(errors.InputError(missing))
     bad = unknown_overrides(argv[1:])
     if bad:
         return errors.report(

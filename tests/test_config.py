@@ -70,3 +70,16 @@ def test_the_run_refuses_a_bad_setting_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: bad settings: aug_rounds=-1"), lines[-3:]
     assert not (tmp_path / "w").exists()  # refused before the workdir was made
+
+
+@pytest.mark.parametrize("case", ["config", "workdir"])
+def test_a_missing_config_file_or_a_workdir_that_is_a_file_is_one_line(tmp_path, case):
+    (tmp_path / "afile").write_text("x")
+    config = "configs/nope.py" if case == "config" else "configs/demo.py"
+    workdir = tmp_path / ("w" if case == "config" else "afile")
+    cmd = [sys.executable, "-m", "lgm_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and ("nope.py not found" in last or "is a file" in last)
+    assert "Traceback" not in proc.stderr
