@@ -259,7 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> lgm.State:
 
 def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
     """Steps start..config.steps (the reference runs 0..steps inclusive), with growth, logs,
-    pictures, checkpoints (and one on SIGTERM, which then exits with 143); returns the final
+    pictures, checkpoints (and one on SIGTERM or Ctrl-C, which then exit with 143 or 130; a
+    second Ctrl-C exits at once, writing nothing); returns the final
     state and how many non-finite steps were skipped."""
     config, last = r.config, r.config.steps
     sharded = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec("data"))
@@ -272,8 +273,7 @@ def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
 
     logger = _Logger(r, start)
     guard = NonFiniteGuard(config.max_nonfinite, r.mngr.directory)
-    stop = {"sigterm": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    stop = _Stop()
     tracer = _tracer(r, start)
     batches = prefetch_map(load, range(start, last + 1), config.prefetch)
     try:
@@ -286,10 +286,10 @@ def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
                 logger.log(step, jax.device_get(metrics), guard, len(state.levels))
             if config.image_every and done % config.image_every == 0:
                 logger.image(_save_step_grid(r, state, done), done)
-            if stop["sigterm"]:
-                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", done)
+            if stop.signal is not None:
+                log.warning("%s: saving a checkpoint at step %d and stopping", stop.name, done)
                 _checkpoint(r, state, guard)
-                raise SystemExit(143)
+                raise SystemExit(stop.status)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 _checkpoint(r, state, guard)
         _checkpoint(r, state, guard)
@@ -297,9 +297,39 @@ def loop(r: Run, state: lgm.State, start: int) -> tuple[lgm.State, int]:
         if tracer is not None:
             tracer.close()
         batches.close()
-        signal.signal(signal.SIGTERM, old_handler)
+        stop.restore()
         logger.close()
     return state, guard.total
+
+
+class _Stop:
+    """SIGTERM and Ctrl-C (SIGINT) ask the loop to stop after the step it is in, with a
+    checkpoint; a second Ctrl-C ends the process at once (exit 130, nothing written)."""
+
+    STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self):
+        self.signal = None
+        self.old = {s: signal.signal(s, self._on) for s in self.STATUS}
+
+    def _on(self, signum, _frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            os._exit(130)  # the user insists: no checkpoint, no clean-up
+        self.signal = signum
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: stopping after this step with a checkpoint (again: at once)")
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signal == signal.SIGINT else "SIGTERM"
+
+    @property
+    def status(self) -> int:
+        return self.STATUS[self.signal]
+
+    def restore(self) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
 
 def _checkpoint(r: Run, state, guard) -> None:

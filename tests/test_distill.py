@@ -132,14 +132,15 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=300):
     pytest.fail(f"no checkpoint at step {step} after {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_images(reference, env, tmp_path, sig):
     proc = _start(tmp_path, env)
     _wait_for_checkpoint(tmp_path, 4, proc)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    if sig == signal.SIGTERM:  # a clean stop: a checkpoint at the step it reached
-        assert proc.returncode in (143, -signal.SIGTERM), out
+    if sig != signal.SIGKILL:  # a clean stop: a checkpoint at the step it reached
+        want = {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        assert proc.returncode in (want, -sig), out
     assert not (tmp_path / "synthetic.npz").exists() or proc.returncode == 0
     rc, out = _run(tmp_path, env)
     assert rc == 0, out
