@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from lgm_jax import config_base, distill, errors
+from lgm_jax import config_base, distill, errors, stops
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file, e.g. configs/demo.py", lock_config=True
@@ -66,7 +66,7 @@ def _main(argv):
         distill.run(_CONFIG.value, _WORKDIR.value)
     except (errors.InputError, FileNotFoundError, ValueError) as e:
         sys.exit(errors.report(e))
-    except distill.NonFiniteLoss as e:
+    except stops.NonFiniteLoss as e:
         logging.error("error: %s", e)
         sys.exit(3)
 

@@ -18,7 +18,15 @@ LAYERS = [
     {"preprocess", "errors", "prefetch", "resample", "assets"},  # leaves
     {"pyramid", "augment", "models", "data", "distilled"},  # what the step's maths stands on
     {"lgm", "probe"},  # the step's maths and the probe protocol
-    {"config_base", "checkpoint", "feature_cache", "profiling", "distill", "evaluate"},  # runs
+    {
+        "config_base",
+        "checkpoint",
+        "feature_cache",
+        "profiling",
+        "stops",
+        "distill",
+        "evaluate",
+    },  # runs
     set(),  # commands: every other module
 ]
 # Within layer 1, what each group may use of its own layer.
