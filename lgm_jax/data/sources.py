@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lgm_jax import assets
 from lgm_jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Dataset:
     splits: tuple[str, ...]
     opener: Callable[[str], Sequence] = dataclasses.field(repr=False, compare=False)
     _opened: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # The dataset's own class ids in label order where they differ from the readable
+    # class_names (ImageNet: the WordNet synsets, e.g. "n01440764" for "tench").
+    class_ids: tuple[str, ...] | None = None
 
     def source(self, split: str):
         """The split as a random-access source (opened once per Dataset object)."""
@@ -261,7 +265,8 @@ def prepare_message(tfds_name: str, data_dir: str | None, manual: bool) -> str:
     cfg = "download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR), " if manual else ""
     msg = (
         f"tfds dataset {tfds_name!r} is not prepared in {data_dir} in the array_record format "
-        "that random access needs. Prepare it once, in an environment with tensorflow installed:\n"
+        "that random access needs. Prepare it once with TensorFlow, e.g. in a throwaway venv with\n"
+        "  pip install tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10 importlib_resources\n"
         f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', "
         f"data_dir='{data_dir}').download_and_prepare({cfg}file_format='array_record')\"\n"
     )
@@ -355,15 +360,28 @@ def _tfds_names(tfds_name: str, data_dir) -> tuple[str, ...]:
     return tuple(tfds.builder(tfds_name, data_dir=data_dir).info.features["label"].names)
 
 
+@functools.lru_cache(maxsize=1)
+def imagenet_names() -> dict[str, str]:
+    """Synset -> readable name (its first WordNet lemma, e.g. "tench"), for the 1000 classes in
+    tfds' label order: the bundled table lgm_jax/assets/imagenet_names.txt. Two names repeat
+    ("crane": the bird and the machine; "maillot"); the synsets stay unique."""
+    with open(assets.path("imagenet_names.txt")) as f:
+        return dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
+
+
 def tfds_dataset(name, tfds_name, split_map, data_dir=None, manual=False, classes=None):
     names = _tfds_names(tfds_name, data_dir)
     if classes is not None:
         names = tuple(names[c] for c in classes)
+    ids = None
+    if tfds_name == "imagenet2012":  # tfds names its classes by synset; show the lemma
+        ids, table = names, imagenet_names()
+        names = tuple(table.get(s, s) for s in ids)
 
     def opener(split):
         return TfdsSource(tfds_name, split_map[split], data_dir, manual, classes)
 
-    return Dataset(name, len(names), names, tuple(split_map), opener)
+    return Dataset(name, len(names), names, tuple(split_map), opener, class_ids=ids)
 
 
 # ---------------------------------------------------------------- the registry
