@@ -44,7 +44,6 @@ COMMANDS = [
     "report",
     "pretrain_demo",
     "data_bench",
-    "export",
     "imagenet_miniature",
 ]
 
