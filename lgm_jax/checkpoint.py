@@ -5,13 +5,21 @@ record: whose run it is (`identity`: the settings that define what the images ar
 pyramid levels the state has and how many non-finite steps were skipped. A checkpoint restores
 onto any number of devices and either state layout: its shapes follow from the template state
 grown to the recorded number of levels, and `place` lays them out for this run.
+
+Each record also holds a sha256 of every array (from the host copy written), so a restore takes
+the newest checkpoint whose arrays read back to the same bytes: bit flips, truncated files and
+a write cut short are never taken for a good checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lgm_jax import lgm
@@ -20,6 +28,9 @@ from lgm_jax.errors import InputError
 # Settings that define what a checkpoint is of: a workdir holding a checkpoint that differs in
 # any of these belongs to another run and is refused.
 IDENTITY_KEYS = ("dataset", "backbone", "ipc", "syn_res", "input_res", "pyramid.pixels")
+
+
+log = logging.getLogger("lgm_jax")
 
 
 class RunMismatch(InputError):
@@ -75,11 +86,35 @@ def _from_saveable(tree: dict) -> lgm.State:
     )
 
 
+def _host(x) -> np.ndarray:
+    """A leaf as one host array on every process (gathered when it spans several processes:
+    a collective, so every process must call this)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def digests(state: lgm.State) -> dict[str, str]:
+    """sha256 of every array of the state (its host copy: the same for any device layout)."""
+    leaves = jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0]
+    return {
+        jax.tree_util.keystr(path): hashlib.sha256(
+            np.ascontiguousarray(_host(x)).tobytes()
+        ).hexdigest()
+        for path, x in leaves
+    }
+
+
 def save(mngr, state: lgm.State, meta: dict) -> None:
-    """Write the state at its step (once: a step already saved is left as it is) and wait."""
+    """Write the state at its step with a checksum of every array in its record, and wait. A
+    step already saved is left as it is, unless it was found corrupt (then it is moved aside,
+    never deleted, and written anew)."""
     step = int(state.step)
     if step in mngr.all_steps():
         return
+    meta = dict(meta, digests=digests(state))
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -111,13 +146,41 @@ def _check_identity(mngr, saved: dict, ident: dict) -> None:
 
 
 def restore(mngr, template: lgm.State, tx, ident: dict, place, init_mode: str):
-    """The latest checkpoint as (state, meta), or None when there is none; `place(shapes)`
-    gives the shardings to restore into. Refuses another run's checkpoint."""
-    step = mngr.latest_step()
-    if step is None:
-        return None
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    _check_identity(mngr, meta.get("identity", {}), ident)
+    """The newest checkpoint that verifies, as (state, meta), or None when there is none;
+    `place(shapes)` gives the shardings to restore into. A checkpoint that cannot be read or
+    whose arrays do not match their recorded checksums is skipped with a warning and moved
+    aside to checkpoints/corrupt-<step> (never deleted); if every one is, an InputError says
+    which and how to start afresh. Refuses another run's checkpoint."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    corrupt = []
+    _quiet_closed_loop()
+    for step in steps:
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
+        except Exception as e:  # noqa: BLE001 (unreadable: any error of the storage layer)
+            corrupt.append(_set_aside(mngr, step, f"its record cannot be read ({_brief(e)})"))
+            continue
+        _check_identity(mngr, meta.get("identity", {}), ident)
+        try:
+            state = _restore_state(mngr, step, meta, template, tx, place, init_mode)
+        except Exception as e:  # noqa: BLE001
+            corrupt.append(_set_aside(mngr, step, f"its arrays cannot be read ({_brief(e)})"))
+            continue
+        if "digests" in meta and digests(state) != meta["digests"]:
+            corrupt.append(_set_aside(mngr, step, "its arrays do not match their checksums"))
+            continue
+        return state, meta
+    if corrupt:
+        raise InputError(
+            f"no checkpoint in {mngr.directory} verifies: {'; '.join(corrupt)}. They were "
+            "moved aside (corrupt-<step>), not deleted. Start afresh with a new --workdir, or "
+            "rerun the same command to start this one from step 0."
+        )
+    return None
+
+
+def _restore_state(mngr, step, meta, template, tx, place, init_mode) -> lgm.State:
     # The state's structure at that step (levels grown to meta["num_levels"]), laid out as this
     # run wants it: a checkpoint restores onto any number of devices and either layout.
     shaped = grown_shapes(template, tx, meta["num_levels"], init_mode)
@@ -127,4 +190,48 @@ def restore(mngr, template: lgm.State, tx, ident: dict, place, init_mode: str):
         _to_saveable(place(shaped)),
     )
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    return _from_saveable(mngr.restore(step, args=args)["state"]), meta
+    return _from_saveable(mngr.restore(step, args=args)["state"])
+
+
+def _brief(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _closed_loop(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_loop() -> None:
+    """After a failed read, the storage layer's pending callbacks into orbax's closed event loop
+    each print a 'RuntimeError: Event loop is closed' traceback: noise (the failure itself is
+    reported as a skipped checkpoint), so those, and only those, are not printed. Installed
+    once, before the first restore."""
+    import threading
+
+    if getattr(sys.excepthook, "_lgm_quiet", False):
+        return
+    old_except, old_unraisable = sys.excepthook, sys.unraisablehook
+    old_thread = threading.excepthook
+
+    def excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            old_except(kind, value, tb)
+
+    excepthook._lgm_quiet = True
+    sys.excepthook = excepthook
+    sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else old_unraisable(u)
+    threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else old_thread(a)
+
+
+def _set_aside(mngr, step: int, why: str) -> str:
+    """Move checkpoint `step` to checkpoints/corrupt-<step>[-k], warn, and say what was done."""
+    folder = os.path.join(str(mngr.directory), str(step))
+    target, k = os.path.join(str(mngr.directory), f"corrupt-{step}"), 1
+    while os.path.exists(target):
+        target, k = os.path.join(str(mngr.directory), f"corrupt-{step}-{k}"), k + 1
+    if jax.process_index() == 0 and os.path.isdir(folder):
+        os.rename(folder, target)
+    mngr.reload()
+    log.warning("checkpoint %d skipped: %s; moved to %s", step, why, target)
+    return f"step {step} ({why})"

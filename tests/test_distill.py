@@ -206,3 +206,50 @@ def test_persistent_non_finite_loss_stops_and_keeps_the_checkpoints(env, tmp_pat
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6, steps  # written after two skipped steps, none after the third
     assert (tmp_path / "synthetic.npz").read_bytes() == first  # the finished export is untouched
+
+
+def _data_files(checkpoint):
+    """The files holding a checkpoint's array data (orbax's OCDBT stores: the merged one and the
+    per-process ones)."""
+    files = [p for p in checkpoint.glob("state/**/d/*") if p.is_file()]
+    assert files, list(checkpoint.rglob("*"))
+    return files
+
+
+@pytest.mark.parametrize("damage", ["bit flips", "truncation"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(reference, env, tmp_path, damage):
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "w")
+    (tmp_path / "w" / "synthetic.npz").unlink()
+    newest = tmp_path / "w" / "checkpoints" / "10"
+    for data in _data_files(newest):
+        raw = bytearray(data.read_bytes())
+        if damage == "bit flips":
+            for i in range(len(raw) // 3, len(raw) // 3 + 16):
+                raw[i] ^= 0xFF
+        else:
+            raw = raw[: len(raw) // 2]
+        data.write_bytes(bytes(raw))
+    rc, out = _run(tmp_path / "w", env)
+    assert rc == 0, out
+    assert "checkpoint 10 skipped" in out and "resumed from step 8" in out, out
+    assert "Traceback" not in out, out
+    assert (tmp_path / "w" / "checkpoints" / "corrupt-10").is_dir()  # kept, not deleted
+    want = np.load(reference / "synthetic.npz")["images"]
+    np.testing.assert_array_equal(np.load(tmp_path / "w" / "synthetic.npz")["images"], want)
+
+
+def test_no_checkpoint_that_verifies_is_one_line_and_none_is_deleted(reference, env, tmp_path):
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "w")
+    steps = [p for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+    for step in steps:
+        for data in _data_files(step):
+            data.write_bytes(data.read_bytes()[:10])
+    rc, out = _run(tmp_path / "w", env)
+    assert rc == 2, out
+    assert "no checkpoint in" in out and "verifies" in out and "new --workdir" in out
+    kept = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
+    assert kept == sorted(f"corrupt-{p.name}" for p in steps), kept
