@@ -44,6 +44,7 @@ COMMANDS = [
     "report",
     "pretrain_demo",
     "data_bench",
+    "export",
     "imagenet_miniature",
 ]
 
