@@ -390,11 +390,16 @@ def tfds_dataset(name, tfds_name, split_map, data_dir=None, manual=False, classe
 def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
     """A dataset by name (see docs/data.md): imagenet1k, imagenet100, imagenet_<subset>
     (birds fruits cats imagenette imagewoof a b c d e), cub, dogs, flowers, food101,
-    folder:<root>, mnist_demo. `data_dir` is the tfds data directory (tfds datasets only)."""
+    folder:<root>, hf:<path or name>, mnist_demo. `data_dir` is the tfds data directory (tfds
+    datasets) or the Hugging Face datasets cache_dir (hf:)."""
     if name == "mnist_demo":
         return mnist_demo()
     if name.startswith("folder:"):
         return image_folder(name[len("folder:") :], name=name)
+    if name.startswith("hf:"):  # Hugging Face datasets; data_dir is their cache_dir
+        from lgm_jax.data import hf
+
+        return hf.hf_dataset(name, data_dir)
     if name in TFDS:
         tfds_name, split_map, manual = TFDS[name]
         return tfds_dataset(name, tfds_name, split_map, data_dir, manual)
@@ -404,6 +409,6 @@ def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name.startswith("imagenet_") and name[len("imagenet_") :] in IMAGENET_SUBSETS:
         classes = IMAGENET_SUBSETS[name[len("imagenet_") :]]
         return tfds_dataset(name, imagenet[0], imagenet[1], data_dir, True, classes)
-    known = ["mnist_demo", "folder:<root>", *TFDS, "imagenet100"]
+    known = ["mnist_demo", "folder:<root>", "hf:<path or name>", *TFDS, "imagenet100"]
     known += [f"imagenet_{s}" for s in IMAGENET_SUBSETS]
     raise InputError(f"unknown dataset {name!r}; known: {', '.join(known)}")

@@ -1,0 +1,93 @@
+"""hf:<path or name> sources (lgm_jax/data/hf.py): tiny `datasets` built here, no network."""
+
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+datasets = pytest.importorskip("datasets")
+
+from lgm_jax.data import get_dataset, pipeline  # noqa: E402
+from lgm_jax.errors import InputError  # noqa: E402
+
+NAMES = ["red", "green", "blue", "grey"]
+
+
+def _split(n, seed, label_feature=None):
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(4):
+        for _ in range(n):
+            x = np.full((32, 32, 3), 40 + 60 * c, np.uint8)
+            images.append(x + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8))
+            labels.append(c)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": label_feature or datasets.ClassLabel(names=NAMES)}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "shapes")
+    datasets.DatasetDict(train=_split(6, 0), test=_split(3, 1)).save_to_disk(path)
+    return path
+
+
+def test_saved_dataset_opens(saved):
+    ds = get_dataset(f"hf:{saved}")
+    assert ds.name == f"hf:{saved}"
+    assert ds.num_classes == 4 and ds.class_names == tuple(NAMES)
+    assert len(ds.source("train")) == 24 and len(ds.source("test")) == 12
+    ex = ds.source("train")[7]
+    assert ex["image"].dtype == np.uint8 and ex["image"].shape == (32, 32, 3)
+    assert ex["label"] == 1
+
+
+def test_test_falls_back_to_validation(tmp_path):
+    path = str(tmp_path / "v")
+    datasets.DatasetDict(train=_split(2, 0), validation=_split(1, 1)).save_to_disk(path)
+    assert len(get_dataset(f"hf:{path}").source("test")) == 4
+
+
+def test_errors(tmp_path):
+    only_train = str(tmp_path / "t")
+    _split(2, 0).save_to_disk(only_train)  # one Dataset: the train split
+    ds = get_dataset(f"hf:{only_train}")
+    with pytest.raises(InputError, match="splits found: train"):
+        ds.source("test")
+    no_label = str(tmp_path / "n")
+    _split(2, 0).remove_columns("label").save_to_disk(no_label)
+    with pytest.raises(InputError, match="columns found: image"):
+        get_dataset(f"hf:{no_label}")
+    ints = str(tmp_path / "i")
+    _split(2, 0, datasets.Value("int64")).save_to_disk(ints)
+    with pytest.raises(InputError, match="cast_column"):
+        get_dataset(f"hf:{ints}")
+    with pytest.raises(InputError, match="neither a dataset saved"):
+        get_dataset(f"hf:{tmp_path}/missing", data_dir=str(tmp_path / "cache"))
+
+
+def test_local_data_files_through_the_cache(saved, tmp_path):
+    """A directory of parquet files goes through load_dataset(path, cache_dir=data_dir)."""
+    files = tmp_path / "parquet"
+    files.mkdir()
+    for split, d in datasets.load_from_disk(saved).items():
+        d.to_parquet(str(files / f"{split}.parquet"))
+    ds = get_dataset(f"hf:{files}", data_dir=str(tmp_path / "cache"))
+    assert ds.class_names == tuple(NAMES) and len(ds.source("train")) == 24
+    assert os.listdir(tmp_path / "cache")  # the arrow cache was written there
+
+
+def test_shards_disjoint_and_batches_repeatable(saved):
+    ds = get_dataset(f"hf:{saved}")
+    source = ds.source("train")
+    shards = [pipeline.shard_indices(len(source), p, 2) for p in range(2)]
+    batches = [pipeline.TrainBatches(source, s, 4, 0, 16, p, 1) for p, s in enumerate(shards)]
+    seen = [set(np.concatenate([b(k)["index"] for k in range(3)])) for b in batches]
+    assert not seen[0] & seen[1]
+    again = pipeline.TrainBatches(source, shards[0], 4, 0, 16, 0, 2)(2)
+    np.testing.assert_array_equal(again["image"], batches[0](2)["image"])
+    np.testing.assert_array_equal(again["index"], batches[0](2)["index"])
