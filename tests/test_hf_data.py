@@ -91,3 +91,31 @@ def test_shards_disjoint_and_batches_repeatable(saved):
     again = pipeline.TrainBatches(source, shards[0], 4, 0, 16, 0, 2)(2)
     np.testing.assert_array_equal(again["image"], batches[0](2)["image"])
     np.testing.assert_array_equal(again["index"], batches[0](2)["index"])
+
+
+def test_smoke_distillation_and_evaluation_on_a_saved_dataset(saved, tmp_path):
+    """The run and the evaluation read an hf: dataset as they read any other (no network)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    work = tmp_path / "run"
+    run = [sys.executable, "-m", "lgm_jax.main", "--config=configs/demo.py", f"--workdir={work}"]
+    run += [f"--config.dataset=hf:{saved}", "--config.num_classes=4", "--config.syn_res=4"]
+    run += ["--config.aug_rounds=1", "--config.steps=2", "--config.image_every=0"]
+    run += ["--config.checkpoint_every=0", "--config.eval.at_end=true"]
+    run += ["--config.eval.epochs=2", "--config.eval.seeds=1", "--config.compilation_cache="]
+    proc = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(work / "synthetic.npz") as z:
+        assert z["images"].shape == (4, 4, 4, 3) and list(z["class_names"]) == NAMES
+    result = json.loads((work / "eval" / "dinov2_tiny" / "eval.json").read_text())
+    assert result["dataset"] == f"hf:{saved}" and result["num_test"] == 12
+    again = [sys.executable, "-m", "lgm_jax.evaluate", "--distilled", str(work)]
+    again += ["--backbone", "dinov2_tiny", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(again, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["num_test"] == 12
