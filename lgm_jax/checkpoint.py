@@ -14,6 +14,7 @@ a write cut short are never taken for a good checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -122,6 +123,32 @@ def save(mngr, state: lgm.State, meta: dict) -> None:
         ),
     )
     mngr.wait_until_finished()
+
+
+def read_levels(workdir: str, step: int) -> tuple[np.ndarray, ...]:
+    """The pyramid levels of a run's checkpoint `step` as host arrays, restored onto one device
+    from the checkpoint's own shapes (no template: any device count, any layout), each checked
+    against its recorded checksum; an InputError when it cannot be read or does not verify."""
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+    try:
+        with open(os.path.join(folder, "meta", "metadata")) as f:
+            recorded = json.load(f).get("digests", {})
+        ckptr = ocp.StandardCheckpointer()
+        state_dir = os.path.join(folder, "state")
+        tree = ckptr.metadata(state_dir).item_metadata
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree
+        )
+        levels = tuple(np.asarray(lvl) for lvl in ckptr.restore(state_dir, abstract)["levels"])
+    except Exception as e:  # noqa: BLE001 (unreadable: any error of the storage layer)
+        raise InputError(f"checkpoint {folder} cannot be read ({_brief(e)})") from e
+    for i, lvl in enumerate(levels):
+        want = recorded.get(f"['levels'][{i}]")
+        got = hashlib.sha256(np.ascontiguousarray(lvl).tobytes()).hexdigest()
+        if want is not None and got != want:
+            raise InputError(f"checkpoint {folder}: level {i} does not match its checksum")
+    return levels
 
 
 def grown_shapes(template: lgm.State, tx, num_levels: int, mode: str) -> lgm.State:

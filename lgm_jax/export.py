@@ -39,10 +39,7 @@ def decoded_levels(run: str, s: distilled.ImageSet) -> np.ndarray | None:
     ckpt, cfg_path = os.path.join(run, "checkpoints"), os.path.join(run, "config.json")
     if not (os.path.isdir(ckpt) and os.path.isfile(cfg_path)):
         return None
-    import jax
-    import orbax.checkpoint as ocp
-
-    from lgm_jax import pyramid
+    from lgm_jax import checkpoint, pyramid
 
     steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
     if not steps:
@@ -50,7 +47,7 @@ def decoded_levels(run: str, s: distilled.ImageSet) -> np.ndarray | None:
     step = s.meta.get("step") if s.meta.get("step") in steps else steps[-1]
     with open(cfg_path) as f:
         cfg = json.load(f)
-    levels = _restore_levels(ocp, jax, os.path.join(ckpt, str(step), "state"))
+    levels = checkpoint.read_levels(run, step)
     x = pyramid.decode(levels, int(cfg["syn_res"]), bool(cfg.get("decorrelate_colors", True)))
     x = np.clip(np.asarray(x, np.float32), 0, 1)
     if x.shape != s.images.shape:
@@ -58,18 +55,6 @@ def decoded_levels(run: str, s: distilled.ImageSet) -> np.ndarray | None:
             f"{ckpt}/{step} decodes to {x.shape}, but {s.meta['path']} holds {s.images.shape}"
         )
     return x
-
-
-def _restore_levels(ocp, jax, state_dir: str) -> tuple:
-    """The pyramid levels of a checkpoint's state, restored onto one device from the
-    checkpoint's own shapes (no template: any device count, any layout)."""
-    ckptr = ocp.StandardCheckpointer()
-    tree = ckptr.metadata(state_dir).item_metadata
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree
-    )
-    return tuple(np.asarray(lvl) for lvl in ckptr.restore(state_dir, abstract)["levels"])
 
 
 def export(src: str, fmt: str, out: str, push_to_hub: str | None = None) -> str:
