@@ -81,6 +81,54 @@ def test_local_data_files_through_the_cache(saved, tmp_path):
     assert os.listdir(tmp_path / "cache")  # the arrow cache was written there
 
 
+def _hub_cache(saved, cache):
+    """Write `cache` as load_dataset("someorg/shapes") leaves it after a download from the Hub:
+    <org>___<name>/<config>/<version>/<commit>/ holding dataset_info.json and
+    <name>-<split>.arrow (built here by the parquet builder, then moved into that layout)."""
+    import glob
+    import shutil
+
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    files = cache.parent / "files"
+    files.mkdir()
+    splits = datasets.load_from_disk(saved)
+    for split, d in splits.items():
+        d.to_parquet(str(files / f"{split}.parquet"))
+    patterns = {split: [str(files / f"{split}.parquet")] for split in splits}
+    builder = Parquet(
+        cache_dir=str(cache),
+        dataset_name="someorg___shapes",
+        data_files=DataFilesDict.from_patterns(patterns),
+        features=splits["train"].features,
+    )
+    builder.download_and_prepare()
+    built = glob.glob(str(cache / "someorg___shapes" / "default-*" / "0.0.0"))[0]
+    hub = cache / "someorg___shapes" / "default" / "0.0.0" / "0123456789abcdef"
+    hub.parent.mkdir(parents=True)
+    shutil.move(built, hub)
+    for arrow in hub.glob("*.arrow"):
+        arrow.rename(hub / arrow.name.replace("someorg___shapes-", "shapes-"))
+    for left in glob.glob(str(cache / "someorg___shapes" / "default-*")):
+        shutil.rmtree(left) if os.path.isdir(left) else os.remove(left)
+
+
+def test_hub_name_from_the_local_cache(saved, tmp_path):
+    """hf:<org>/<name> of a dataset already downloaded opens from the cache with the Hub offline."""
+    cache = tmp_path / "cache"
+    _hub_cache(saved, cache)
+    ds = get_dataset("hf:someorg/shapes", data_dir=str(cache))
+    assert ds.class_names == tuple(NAMES)
+    assert len(ds.source("train")) == 24 and len(ds.source("test")) == 12
+    expected = datasets.load_from_disk(saved)["test"][5]
+    ex = ds.source("test")[5]
+    np.testing.assert_array_equal(ex["image"], np.asarray(expected["image"].convert("RGB")))
+    assert ex["label"] == expected["label"]
+    with pytest.raises(InputError, match="neither a dataset saved"):
+        get_dataset("hf:someorg/absent", data_dir=str(cache))
+
+
 def test_shards_disjoint_and_batches_repeatable(saved):
     ds = get_dataset(f"hf:{saved}")
     source = ds.source("train")
