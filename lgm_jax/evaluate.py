@@ -297,9 +297,18 @@ def grid(
     return {"markdown": md, "cells": entries}
 
 
-def grid_heatmap(names: Sequence[str], backbones: Sequence[str], cells: dict, path: str) -> None:
+def grid_heatmap(
+    names: Sequence[str],
+    backbones: Sequence[str],
+    cells: dict,
+    path: str,
+    *,
+    axes: tuple[str, str] = ("evaluated on", "distilled with"),
+    label: str = "top-1 %",
+) -> None:
     """The cross-model table as a heatmap PNG: rows distilled with, columns evaluated on, each
-    cell's mean top-1 written in it (blank where not evaluated)."""
+    cell's mean top-1 written in it (blank where not evaluated). `axes` (x, y) and `label` (the
+    colour bar's) name other tables of values in [0, 100] drawn the same way."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -314,12 +323,12 @@ def grid_heatmap(names: Sequence[str], backbones: Sequence[str], cells: dict, pa
     im = ax.imshow(values, cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(len(backbones)), backbones, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("evaluated on")
-    ax.set_ylabel("distilled with")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < 60 else "k")
-    fig.colorbar(im, ax=ax, label="top-1 %")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
