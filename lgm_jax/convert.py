@@ -1,6 +1,7 @@
 """Convert a pre-trained PyTorch ViT to lgm_jax's converted-weights format, optionally verified.
 
     python -m lgm_jax.convert --source facebook/dinov2-base --out w/dinov2_vitb --verify
+    python -m lgm_jax.convert --source facebook/dinov3-vitb16-pretrain-lvd1689m --out w/dinov3_vitb
     python -m lgm_jax.convert --source openai/clip-vit-base-patch16 --out w/clip_vitb
     python -m lgm_jax.convert --source eva02_base_patch14_224.mim_in22k --out w/eva02_vitb
     python -m lgm_jax.convert --source vit-b-300ep.pth.tar --family mocov3 --out w/mocov3_vitb
@@ -8,12 +9,12 @@
 
 (docs/backbones.md lists every backbone.)
 
-SRC is a transformers model directory or hub id (DINOv2, DINOv2 with registers, CLIP), a timm
-model name or timm hub directory (EVA-02, DINO, MoCo-v3 mirrors in timm layout), or a checkpoint
-file (.pth / .pth.tar / .safetensors: the original MoCo-v3 or DINO files; pass --family and, for
-a timm architecture that cannot be inferred from the widths, --arch). Writes OUT/params.safetensors
-and OUT/config.json, read by `lgm_jax.models.registry.build(name, OUT)`. --input-res is the
-side of the images the converted backbone takes (ViTConfig.input_res).
+SRC is a transformers model directory or hub id (DINOv2, DINOv2 with registers, CLIP, DINOv3),
+a timm model name or timm hub directory (EVA-02, DINO, MoCo-v3 mirrors in timm layout), or a
+checkpoint file (.pth / .pth.tar / .safetensors: the original MoCo-v3 or DINO files; pass
+--family and, for a timm architecture that cannot be inferred from the widths, --arch). Writes
+OUT/params.safetensors and OUT/config.json, read by `lgm_jax.models.registry.build(name, OUT)`.
+--input-res is the side of the images the converted backbone takes (ViTConfig.input_res).
 
 --verify runs the PyTorch model and the Flax model on the same random batch (at the model's
 resolution, and at --verify-size if given) and exits 1 if the features differ by more than
@@ -36,7 +37,7 @@ import numpy as np
 from lgm_jax.errors import InputError, command_parser, run_command
 
 TOLERANCE = 1e-4
-FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino")
+FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino", "dinov3")
 # A --source ending so, or starting so, is a path (a hub or timm name is neither).
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt", ".bin", ".safetensors")
 PATH_PREFIXES = ("/", "./", "../", "~")
@@ -58,7 +59,7 @@ def load_torch(source: str, family: str | None = None, arch: str | None = None):
     """(family, torch model in eval mode, raw state dict of the source or None)."""
     check_source(source)
     family = family or detect_family(source)
-    if family in ("dinov2", "clip"):
+    if family in ("dinov2", "clip", "dinov3"):
         import transformers
 
         clip = family == "clip"
@@ -125,6 +126,8 @@ def detect_family(source: str) -> str:
         kind, arch = "", source.split("/")[-1]
     if kind.startswith("dinov2"):
         return "dinov2"
+    if kind.startswith("dinov3"):
+        return "dinov3"
     if kind.startswith("clip"):
         return "clip"
     if arch.startswith("eva02"):
@@ -180,7 +183,7 @@ def torch_features(family: str, model, x):
     import torch
 
     with torch.no_grad():
-        if family == "dinov2":
+        if family in ("dinov2", "dinov3"):
             return model(pixel_values=x).pooler_output
         if family == "clip":
             return model(pixel_values=x, interpolate_pos_encoding=True).image_embeds
@@ -190,10 +193,12 @@ def torch_features(family: str, model, x):
 # ----------------------------------------------------------------------------- flax side
 def config_from_torch(family: str, model, **overrides):
     """The ViTConfig of a torch model (transformers config or timm module attributes)."""
-    from lgm_jax.models import clip, dinov2, vit
+    from lgm_jax.models import clip, dinov2, dinov3, vit
 
     if family == "dinov2":
         return dinov2.config_from_hf(model.config.to_dict(), **overrides)
+    if family == "dinov3":
+        return dinov3.config_from_hf(model.config.to_dict(), **overrides)
     if family == "clip":
         hf = model.config.to_dict()
         return clip.config_from_hf(hf, **overrides)
@@ -237,10 +242,11 @@ def config_from_torch(family: str, model, **overrides):
 
 
 def to_flax(family: str, state: dict, cfg, source: str = "checkpoint"):
-    from lgm_jax.models import clip, dinov2, eva02, plain_vit
+    from lgm_jax.models import clip, dinov2, dinov3, eva02, plain_vit
 
     module = {
         "dinov2": dinov2,
+        "dinov3": dinov3,
         "clip": clip,
         "eva02": eva02,
         "mocov3": plain_vit,

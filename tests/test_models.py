@@ -13,7 +13,7 @@ from lgm_jax.models import dinov2, registry, weights
 from lgm_jax.models.vit import param_shapes
 from lgm_jax.preprocess import IMAGENET_MEAN
 
-FULL = [n for n in registry.NAMES if not n.endswith("_tiny")]
+FULL = [n for n in registry.NAMES if not n.endswith("_tiny") and n.split("_")[0] != "dinov3"]
 TINY = [n for n in registry.NAMES if n.endswith("_tiny")]
 
 

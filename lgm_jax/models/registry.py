@@ -4,8 +4,9 @@ dimension, mean/std and name. Every command, the run, the benchmark and the test
 backbone here.
 
 Names follow the reference implementation (`dinov2_vitb`, `clip_vitb`, `eva02_vitb`,
-`mocov3_vitb`, ...); `<family>_tiny` are 2-block, 64-wide versions of each family for tests and
-demos (not pre-trained models; `eva02_tiny` is not EVA-02 Ti, which is `eva02_vitt`).
+`mocov3_vitb`, ...; DINOv3, which the paper does not use, is `dinov3_vits/vitb/vitl`);
+`<family>_tiny` are 2-block, 64-wide versions of each family for tests and demos (not
+pre-trained models; `eva02_tiny` is not EVA-02 Ti, which is `eva02_vitt`).
 
 Converted weights (written by tools/convert_weights.py, read by `build`) are a directory with
 `params.safetensors` (the Flax tree, flat keys "blocks_0/attn/query/kernel", float32) and
@@ -31,12 +32,12 @@ import numpy as np
 from flax import traverse_util
 
 from lgm_jax.errors import InputError
-from lgm_jax.models import clip, dinov2, eva02, plain_vit
+from lgm_jax.models import clip, dinov2, dinov3, eva02, plain_vit
 from lgm_jax.models import weights as weights_mod
 from lgm_jax.models.vit import ViT, ViTConfig, param_shapes
 from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino")
+FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino", "dinov3")
 _TINY = dict(width=64, depth=2, heads=2, mlp_dim=256)
 
 _NAMES: dict[str, tuple[str, Callable[..., ViTConfig]]] = {
@@ -56,6 +57,9 @@ _NAMES: dict[str, tuple[str, Callable[..., ViTConfig]]] = {
     "mocov3_vitl": ("mocov3", lambda **kw: plain_vit.variant("L/16", "mocov3", **kw)),
     "dino_vits": ("dino", lambda **kw: plain_vit.variant("S/16", "dino", **kw)),
     "dino_vitb": ("dino", lambda **kw: plain_vit.variant("B/16", "dino", **kw)),
+    "dinov3_vits": ("dinov3", lambda **kw: dinov3.variant("S/16", **kw)),
+    "dinov3_vitb": ("dinov3", lambda **kw: dinov3.variant("B/16", **kw)),
+    "dinov3_vitl": ("dinov3", lambda **kw: dinov3.variant("L/16", **kw)),
     # Tiny random backbones of each family (tests, demos): 28 px (patch 14) or 32 px (patch 16).
     "dinov2_tiny": (
         "dinov2",
@@ -92,6 +96,10 @@ _NAMES: dict[str, tuple[str, Callable[..., ViTConfig]]] = {
         lambda **kw: plain_vit.variant(
             "B/16", "dino", **{**_TINY, "pos_grid": 2, "input_res": 32, **kw}
         ),
+    ),
+    "dinov3_tiny": (
+        "dinov3",
+        lambda **kw: dinov3.variant("B/16", **{**_TINY, "input_res": 32, **kw}),
     ),
 }
 NAMES = tuple(_NAMES)

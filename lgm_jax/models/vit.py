@@ -1,12 +1,13 @@
 """One Vision Transformer for every backbone family, configured by `ViTConfig`.
 
-The families of the paper (DINOv2, CLIP, EVA-02, MoCo-v3, DINO) are the same pre-norm
-transformer with small differences: how positions are encoded (learned table resized to the
-input grid, fixed 2-D sine-cosine, rotary), the MLP (GELU, quick-GELU, SwiGLU with an optional
-inner LayerNorm), fused or separate q/k/v projections (EVA: no key bias), layer scale, register
-tokens, a LayerNorm before the blocks, and how the feature is pooled (CLS token or the mean of
-patch tokens, optionally normed and projected). Each family's file maps its PyTorch checkpoint
-onto this module's parameter tree; see `lgm_jax/models/weights.py`.
+The families of the paper (DINOv2, CLIP, EVA-02, MoCo-v3, DINO) and DINOv3 are the same
+pre-norm transformer with small differences: how positions are encoded (learned table resized to
+the input grid, fixed 2-D sine-cosine, EVA-02's or DINOv3's rotary), the MLP (GELU, quick-GELU,
+SwiGLU with an optional inner LayerNorm), fused or separate q/k/v projections (EVA, DINOv3: no
+key bias), layer scale, register tokens, a LayerNorm before the blocks, and how the feature is
+pooled (CLS token or the mean of patch tokens, optionally normed and projected). Each family's
+file maps its PyTorch checkpoint onto this module's parameter tree; see
+`lgm_jax/models/weights.py`.
 
 Parameter tree (flax.linen names; optional parts in brackets):
     patch_embed/{kernel [p, p, 3, D], [bias]}, cls_token [1, 1, D], [reg_tokens [1, R, D]],
@@ -88,7 +89,10 @@ class ViTConfig:
     # and CLIP), "antialias" (bicubic with antialias=True: timm, transformers DINOv2-registers),
     # "hub" (interpolate(scale_factor=(g + 0.1)/G), DINOv2's torch.hub model).
     pos_resize: str = "size"
-    rope: bool = False  # EVA-02's rotary embedding on the patch tokens' queries and keys
+    rope: bool = False  # rotary embedding on the patch tokens' queries and keys
+    # "eva02": timm RotaryEmbeddingCat (integer patch indices, interleaved channel pairs);
+    # "dinov3": patch centres in [-1, 1] times 2*pi, rotate-half channel layout (rope_tables).
+    rope_style: str = "eva02"
     rope_ref_grid: int = 0  # EVA: coordinates rescaled so any grid spans this one (0: none)
     rope_theta: float = 10000.0
     pre_norm: bool = False  # LayerNorm before the blocks (CLIP's pre_layrnorm)
@@ -141,6 +145,15 @@ def _rotate_pairs(x):
     return jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
 
 
+def _rotate_half(x):
+    """transformers' `rotate_half` (DINOv3): [a, b] -> [-b, a], channel j pairs with j + hd/2."""
+    a, b = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-b, a], axis=-1)
+
+
+_ROTATIONS = {"eva02": _rotate_pairs, "dinov3": _rotate_half}
+
+
 class Attention(nn.Module):
     cfg: ViTConfig
 
@@ -173,9 +186,10 @@ class Attention(nn.Module):
             )
         if rope is not None:
             sin, cos = (t[None, :, None, :] for t in rope)
+            rot = _ROTATIONS[cfg.rope_style]
             # At least float32, cast back: as timm, whose sin/cos stay float32 under autocast.
-            q = (q * cos + _rotate_pairs(q) * sin).astype(dt)
-            k = (k * cos + _rotate_pairs(k) * sin).astype(dt)
+            q = (q * cos + rot(q) * sin).astype(dt)
+            k = (k * cos + rot(k) * sin).astype(dt)
         num_valid, m = None, cfg.pad_multiple
         if n % m:  # pad the sequence for the kernel; the padding keys are masked below
             num_valid, pad = n, ((0, 0), (0, -n % m), (0, 0), (0, 0))
@@ -288,24 +302,41 @@ def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
 
 
 def rope_tables(cfg: ViTConfig, grid: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """EVA-02's rotary embedding (timm `RotaryEmbeddingCat`, in_pixels=False) as (sin, cos).
+    """The rotary embedding of a grid x grid patch grid as (sin, cos), each [num_tokens, hd].
 
-    Each [num_tokens, head_dim]: a quarter of the head's channel pairs rotate with the row
-    coordinate and a quarter with the column, at frequencies theta^(-k/(hd/4)); coordinates are
-    i * ref/grid so any grid spans the pre-training one. Prefix tokens (CLS, registers) and
-    padding get the identity rotation (sin 0, cos 1), as timm leaves prefix tokens unrotated.
+    Both styles rotate a quarter of the head's channel pairs with the row coordinate and a
+    quarter with the column, at frequencies theta^(-k/(hd/4)); they differ in the coordinates
+    and in which channels form a pair, so a checkpoint works only with its own style:
+    - "eva02" (timm `RotaryEmbeddingCat`, in_pixels=False): coordinates are patch indices
+      i * ref/grid (so any grid spans the pre-training one), channels pair as (2m, 2m+1);
+    - "dinov3" (transformers `DINOv3ViTRopePositionEmbedding` in eval mode, no shift, jitter
+      or rescale): coordinates are patch centres 2(i + 0.5)/grid - 1 in [-1, 1], angles
+      2*pi*coordinate*frequency, channels pair as (m, m + hd/2) (rotate-half).
+    Prefix tokens (CLS, registers) and padding get the identity rotation (sin 0, cos 1), as
+    both leave prefix tokens unrotated.
     """
     hd = cfg.width // cfg.heads
     nb = hd // 4
+    if nb * 4 != hd:
+        raise ValueError(f"a 2-D rotary embedding needs a head dim divisible by 4, got {hd}")
+    if cfg.rope_style not in _ROTATIONS:
+        raise ValueError(f"unknown rope_style {cfg.rope_style!r}; use one of {sorted(_ROTATIONS)}")
     bands = (1.0 / cfg.rope_theta ** (np.arange(nb, dtype=np.float32) / np.float32(nb))).astype(
         np.float32
     )
-    t = np.arange(grid, dtype=np.float32)
-    if cfg.rope_ref_grid:
-        t = (t / np.float32(grid) * np.float32(cfg.rope_ref_grid)).astype(np.float32)
+    if cfg.rope_style == "dinov3":
+        t = (np.arange(0.5, grid, dtype=np.float32) / np.float32(grid)) * 2 - 1
+        t = (np.float32(2 * np.pi) * t).astype(np.float32)
+    else:
+        t = np.arange(grid, dtype=np.float32)
+        if cfg.rope_ref_grid:
+            t = (t / np.float32(grid) * np.float32(cfg.rope_ref_grid)).astype(np.float32)
     rows, cols = np.meshgrid(t, t, indexing="ij")
-    pos = np.stack([rows, cols], -1)[..., None] * bands  # [g, g, 2, nb]
-    pos = np.repeat(pos.reshape(grid * grid, 2 * nb), 2, axis=-1)  # interleaved pairs
+    pos = (np.stack([rows, cols], -1)[..., None] * bands).reshape(grid * grid, 2 * nb)
+    if cfg.rope_style == "dinov3":
+        pos = np.concatenate([pos, pos], axis=-1)  # [rows, cols, rows, cols] quarters
+    else:
+        pos = np.repeat(pos, 2, axis=-1)  # interleaved pairs
     start = 1 + cfg.reg_tokens
     sin = np.zeros((num_tokens, hd), np.float32)
     cos = np.ones((num_tokens, hd), np.float32)
