@@ -286,6 +286,7 @@ def run_full(
     result = evaluate.protocol_result(
         probes, losses, n, time.time() - t0, features=bb.features, params=params, cfg=cfg,
         test_batches=evaluate.test_stream(ds, bb.input_res, test_batch), seeds=seeds, seed=seed,
+        group_names=ds.group_names, group_sets=ds.group_sets,
     )  # fmt: skip
     result = {"method": "full", "backbone": backbone, "dataset": dataset, **result}
     result["settings"]["streamed"] = True
@@ -338,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_row(res: dict) -> None:
-    print(evaluate.TABLE_HEAD, evaluate.format_row(res), sep="\n")
+    evaluate.print_result(res)
 
 
 def _random(a) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from lgm_jax import config_base, distilled, probe
+from lgm_jax import config_base, distilled, groups, probe
 from lgm_jax.errors import InputError, command_parser, run_command
 
 
@@ -63,10 +63,13 @@ def run_protocol(
     seeds: int = 5,
     seed: int = 0,
     devices: int | None = None,
+    group_names: Sequence[str] | None = None,
+    group_sets=(),
 ) -> dict:
     """Train `seeds` probes on images (uint8 [N, H, H, 3] or [S, N, H, H, 3]) and test them.
 
-    Returns the eval.json fields: top1/top5 {mean, std, per_seed} in %, settings, timings.
+    Returns the eval.json fields: top1/top5 {mean, std, per_seed} in %, settings, timings (and
+    the group fields of `protocol_result` when the test batches carry groups).
     """
     t0 = time.time()
     probes, losses = probe.train_probes(
@@ -84,18 +87,26 @@ def run_protocol(
     train_s = time.time() - t0
     return protocol_result(
         probes, losses, int(images.shape[-4]), train_s, features=features, params=params,
-        cfg=cfg, test_batches=test_batches, seeds=seeds, seed=seed,
+        cfg=cfg, test_batches=test_batches, seeds=seeds, seed=seed, group_names=group_names,
+        group_sets=group_sets,
     )  # fmt: skip
 
 
 def protocol_result(
-    probes, losses, n: int, train_s: float, *, features, params, cfg, test_batches, seeds, seed
-) -> dict:
+    probes, losses, n: int, train_s: float, *, features, params, cfg, test_batches, seeds, seed,
+    group_names=None, group_sets=(),
+) -> dict:  # fmt: skip
     """Test trained probes; the eval.json fields: top1/top5 {mean, std, per_seed} in %,
-    settings, timings."""
+    settings, timings. Test batches with "group" add lgm_jax.groups.metrics' fields
+    (worst_group, average_group, groups, group_sets), the groups named by `group_names`
+    (default: their ids) and pooled as in `group_sets` ((name, ids), ...)."""
     t1 = time.time()
     acc = probe.test_probes(features, params, probes, test_batches(), cfg)
     losses = np.asarray(losses)
+    by_group = {}
+    if "group_count" in acc:
+        names = group_names or [str(g) for g in range(len(acc["group_count"]))]
+        by_group = groups.metrics(acc["group_correct"], acc["group_count"], names, group_sets)
     return {
         "top1": probe.summarize(acc["top1"]),
         "top5": probe.summarize(acc["top5"]),
@@ -108,6 +119,7 @@ def protocol_result(
         "settings": cfg.settings(n),
         "train_seconds": train_s,
         "test_seconds": time.time() - t1,
+        **by_group,
     }
 
 
@@ -136,17 +148,33 @@ def write_result(result: dict, out: str) -> str:
 
 
 def format_row(result: dict) -> str:
-    t1, t5 = result["top1"], result["top5"]
-    return (
+    """The result's table row (under TABLE_HEAD, or GROUP_HEAD when it has groups)."""
+    pm = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"
+    row = (
         f"| {result.get('method', 'distilled')} | {result.get('dataset', '?')} | "
         f"{result.get('backbone', '?')} | {result['num_images']} | {result['settings']['mode']} | "
-        f"{t1['mean']:.2f} ± {t1['std']:.2f} | {t5['mean']:.2f} ± {t5['std']:.2f} |"
+        f"{pm(result['top1'])} | {pm(result['top5'])} |"
     )
+    if "worst_group" in result:
+        row += f" {pm(result['worst_group'])} | {pm(result['average_group'])} |"
+    return row
+
+
+def print_result(result: dict) -> None:
+    """The table head, the row and, for a grouped dataset, its per-group lines."""
+    grouped = "worst_group" in result
+    print(GROUP_HEAD if grouped else TABLE_HEAD, format_row(result), sep="\n")
+    if grouped:
+        print(groups.format_lines(result))
 
 
 TABLE_HEAD = (
     "| method | dataset | backbone | images | mode | top-1 % | top-5 % |\n"
     "|---|---|---|---|---|---|---|"
+)
+GROUP_HEAD = (
+    "| method | dataset | backbone | images | mode | top-1 % | top-5 % | worst-group % | "
+    "average-group % |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -197,6 +225,8 @@ def evaluate(
         seeds=seeds,
         seed=seed,
         devices=devices,
+        group_names=ds.group_names,
+        group_sets=ds.group_sets,
     )
     result = {
         "method": method or meta.get("method", "distilled"),
@@ -404,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body():
         res = evaluate(a.distilled, a.backbone, out=a.out, method=a.method, **_options(a))
-        print(TABLE_HEAD)
-        print(format_row(res))
+        print_result(res)
         print(f"wrote {res['out']}")
 
     return run_command(body)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lgm_jax import augment, lgm
+from lgm_jax import augment, groups, lgm
 from lgm_jax.prefetch import prefetch_map
 from lgm_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, centre_crop, normalize, to_unit
 
@@ -469,7 +469,7 @@ def _test_counts(params, probes, images, labels, mask, *, features, cfg):
     top1 = jnp.argmax(logits, -1) == labels
     top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[None, :, None], -1)
     m = mask.astype(jnp.int32)
-    return jnp.sum(top1 * m, -1), jnp.sum(top5 * m, -1)
+    return jnp.sum(top1 * m, -1), jnp.sum(top5 * m, -1), top1 * m  # hits [S, B]: per group
 
 
 test_counts = jax.jit(_test_counts, static_argnames=("features", "cfg"))
@@ -478,17 +478,22 @@ test_counts = jax.jit(_test_counts, static_argnames=("features", "cfg"))
 def test_probes(
     features: FeatureFn, params, probes: Probe, batches: Iterable[dict], cfg: ProbeConfig
 ) -> dict[str, np.ndarray]:
-    """Top-1 and top-5 accuracy [S] (fractions) of every seed's probe on padded test batches."""
+    """Top-1 and top-5 accuracy [S] (fractions) of every seed's probe on padded test batches;
+    batches with "group" [B] add groups.Tally's per-group counts (group_count, group_correct)."""
     top1 = top5 = total = 0
+    tally = groups.Tally()
     for batch in batches:
         x, y = jnp.asarray(batch["image"]), jnp.asarray(batch["label"], jnp.int32)
         mask = jnp.asarray(batch["mask"])
-        c1, c5 = test_counts(params, probes, x, y, mask, features=features, cfg=cfg)
+        c1, c5, hits = test_counts(params, probes, x, y, mask, features=features, cfg=cfg)
         top1, top5 = top1 + np.asarray(c1), top5 + np.asarray(c5)
         total += int(np.sum(batch["mask"]))
+        if "group" in batch:
+            tally.add(batch["group"], hits, batch["mask"])
     if total == 0:
         raise ValueError("the test set is empty")
-    return {"top1": np.asarray(top1) / total, "top5": np.asarray(top5) / total, "num_test": total}
+    acc = {"top1": np.asarray(top1) / total, "top5": np.asarray(top5) / total, "num_test": total}
+    return {**acc, **tally.counts()}
 
 
 def summarize(values) -> dict:

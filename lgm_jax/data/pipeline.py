@@ -225,7 +225,8 @@ def read_batch(source, indices, *, crop: int, resize: int, mask=None, crop_seed=
     """{"image": uint8 [B, crop, crop, 3], "label": int32 [B], "mask": bool [B]} of source[i] for
     the B given indices: shorter side resized to `resize`, then a centre crop `crop`, or with
     `crop_seed` (a tuple of ints) a random one drawn from (*crop_seed, i). Rows whose `mask` is
-    False are not read; they and corrupt images are zero with mask False."""
+    False are not read; they and corrupt images are zero with mask False. A source with groups
+    (`source.groups`, int [N]) adds "group": int32 [B] (0 where mask is False)."""
     b = len(indices)
     images = np.zeros((b, crop, crop, 3), np.uint8)
     labels = np.zeros((b,), np.int32)
@@ -242,11 +243,16 @@ def read_batch(source, indices, *, crop: int, resize: int, mask=None, crop_seed=
                 rng = np.random.default_rng([*crop_seed, int(i)])
                 images[row] = random_crop(image, crop, rng)
             labels[row], ok[row] = ex["label"], True
-    return {"image": images, "label": labels, "mask": ok}
+    batch = {"image": images, "label": labels, "mask": ok}
+    groups = getattr(source, "groups", None)
+    if groups is not None:
+        batch["group"] = np.where(ok, groups[np.asarray(indices, np.int64)], 0).astype(np.int32)
+    return batch
 
 
 class EvalBatches:
-    """Batch k -> {"image": uint8 [B, crop, crop, 3], "label": int32 [B], "mask": bool [B]}."""
+    """Batch k -> {"image": uint8 [B, crop, crop, 3], "label": int32 [B], "mask": bool [B]}
+    (and "group": int32 [B] when the source has groups; see `read_batch`)."""
 
     def __init__(self, source, indices, batch_size, crop, resize):
         self.source, self.indices = source, np.asarray(indices)

