@@ -13,6 +13,7 @@ a write cut short are never taken for a good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -116,6 +117,28 @@ def save(mngr, state: lgm.State, meta: dict) -> None:
     if step in mngr.all_steps():
         return
     meta = dict(meta, digests=digests(state))
+    with _storage_errors_untold():
+        try:
+            _write(mngr, step, state, meta)
+        except Exception as e:  # noqa: BLE001 (the storage layer raises many types)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            message = _write_failed(mngr, step, cause)
+            # Its writer threads may go on failing until the process exits: untold from now on.
+            logging.getLogger("absl").addFilter(_StorageLogFilter())
+            _close_quietly(mngr)
+            raise CheckpointWriteFailed(message) from e
+
+
+def _close_quietly(mngr) -> None:
+    try:
+        mngr.close()
+    except Exception:  # noqa: BLE001 (the same failure, already reported)
+        pass
+
+
+def _write(mngr, step: int, state: lgm.State, meta: dict) -> None:
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -123,6 +146,56 @@ def save(mngr, state: lgm.State, meta: dict) -> None:
         ),
     )
     mngr.wait_until_finished()
+
+
+class _StorageLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _storage_errors_untold():
+    """While a checkpoint is written, the storage layer's own error logs (one traceback per
+    background thread when the disk is full) are not printed: the failure is reported once,
+    as one line, by `save`, and a write that succeeds logs no errors."""
+    absl_log, quiet = logging.getLogger("absl"), _StorageLogFilter()
+    absl_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_log.removeFilter(quiet)
+
+
+class CheckpointWriteFailed(InputError):
+    """A checkpoint could not be written (a full disk, no permission, storage gone)."""
+
+
+def _os_error(e: BaseException) -> BaseException | None:
+    """The operating-system error behind a failed write, if there is one (an OSError anywhere
+    in the chain, or a tensorstore error that reports one), else None: a bug keeps its
+    traceback."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or any(t in str(e) for t in ("os_error_code", "[Errno")):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failed(mngr, step: int, cause: BaseException) -> str:
+    intact = sorted(s for s in mngr.all_steps() if s != step)
+    where = str(mngr.directory)
+    if intact:
+        kept = f"the checkpoints before it ({', '.join(map(str, intact))}) are intact"
+        then = f"rerun the same command to resume from step {intact[-1]}"
+    else:
+        kept, then = "no earlier checkpoint exists", "rerun the same command to start again"
+    return (
+        f"writing the checkpoint of step {step} in {where} failed ({_brief(cause)}); its "
+        f"unfinished files are not a checkpoint and will not be restored; {kept}. Free space "
+        f"(or fix the storage) and {then}."
+    )
 
 
 def read_levels(workdir: str, step: int) -> tuple[np.ndarray, ...]:

@@ -33,3 +33,26 @@ def tiny_vit():
 
     backbone, params = registry.build("dinov2_tiny", width=32, mlp_dim=64, layer_scale=False)
     return vit.ViT(backbone.config), params, backbone.config
+
+
+@pytest.fixture(scope="session")
+def run_env(tmp_path_factory):
+    """The environment of the tiny distillation runs (tests/tiny_run.py)."""
+    import tiny_run
+
+    return tiny_run.run_env(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, run_env):
+    """The tiny run, uninterrupted (evaluated at the end, steps 1 and 2 profiled, a grid every 5
+    steps): what every interrupted, corrupted or resumed run must end with."""
+    import tiny_run
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    evaluation = ["--config.eval.at_end=true", "--config.eval.epochs=3", "--config.eval.seeds=2"]
+    profile = ["--config.profile.start=1", "--config.profile.steps=2"]
+    rc, out = tiny_run.run(workdir, run_env, *evaluation, *profile, "--config.image_every=5")
+    assert rc == 0, out
+    assert "profile of steps 1..2" in out and "by phase:" in out
+    return workdir

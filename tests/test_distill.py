@@ -1,69 +1,18 @@
 """The distillation run end to end on the bundled digits: outputs, resume, refusals."""
 
 import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# A tiny run: 4 px synthetic images (levels 1, 2, 4), growth at steps 4 and 7, 10 updates.
-TINY = [
-    "--config=configs/demo.py",
-    "--config.syn_res=4",
-    "--config.aug_rounds=1",
-    "--config.steps=9",
-    "--config.pyramid.grow_every=3",
-    "--config.checkpoint_every=2",
-    "--config.log_every=1",
-    "--config.image_every=0",
-    "--config.eval.at_end=false",
-]
+from tiny_run import run as _run
+from tiny_run import start as _start
+from tiny_run import wait_for_checkpoint as _wait_for_checkpoint
 
 
-def _env(tmp_path_factory):
-    env = dict(os.environ)
-    # Later runs reuse earlier runs' compiled steps: the resume tests cost little extra.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    return env
-
-
-def _start(workdir, env, *extra):
-    cmd = [sys.executable, "-m", "lgm_jax.main", f"--workdir={workdir}", *TINY, *extra]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _run(workdir, env, *extra):
-    proc = _start(workdir, env, *extra)
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return _env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
-    """An uninterrupted run (steps 1 and 2 profiled)."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    evaluation = ["--config.eval.at_end=true", "--config.eval.epochs=3", "--config.eval.seeds=2"]
-    profile = ["--config.profile.start=1", "--config.profile.steps=2"]
-    rc, out = _run(workdir, env, *evaluation, *profile, "--config.image_every=5")
-    assert rc == 0, out
-    assert "profile of steps 1..2" in out and "by phase:" in out
-    return workdir
+@pytest.fixture
+def env(run_env):
+    return run_env
 
 
 def test_run_writes_images_labels_and_pngs(reference):
@@ -119,17 +68,6 @@ def test_run_profiles_the_steps_asked_for(reference):
         assert p["by_phase"].get(phase, 0) > 0, (phase, p["by_phase"])
     assert (reference / "profile" / "step.hlo.txt.gz").exists()
     assert list((reference / "profile").glob("plugins/profile/*/perfetto_trace.json.gz"))
-
-
-def _wait_for_checkpoint(workdir, step, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if (workdir / "checkpoints" / str(step)).is_dir():
-            return
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it was interrupted:\n" + proc.stdout.read())
-        time.sleep(0.05)
-    pytest.fail(f"no checkpoint at step {step} after {timeout} s")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
