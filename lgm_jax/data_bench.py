@@ -41,13 +41,13 @@ def write_jpegs(root: str, n: int, classes: int = 4, size=(500, 375), seed: int 
 def parse(argv=None) -> argparse.Namespace:
     p = command_parser("data_bench", __doc__)
     p.add_argument("--folder", help="an image folder (root/<class>/<image>); default: generated")
-    p.add_argument("--images", type=int, default=300, help="JPEGs to generate")
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--batches", type=int, default=3, help="timed batches per thread count")
+    p.add_argument("--images", type=errors.count, default=300, help="JPEGs to generate")
+    p.add_argument("--batch", type=errors.count, default=100)
+    p.add_argument("--batches", type=errors.count, default=3, help="timed batches per thread count")
     p.add_argument(
         "--syn-res", type=int, default=256, help="side the images are cropped to (a run's syn_res)"
     )
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--threads", type=errors.count, nargs="+", default=[1, 2, 4])
     return p.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ status 2. Every other exception is an internal error and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -34,11 +35,69 @@ def run_command(main: Callable[[], int | None]) -> int:
     return status if isinstance(status, int) else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a missing or malformed value) reported like
+    every other input error: one line, exit status 2."""
+
+    def error(self, message: str):
+        sys.exit(report(InputError(f"{self.prog}: {message} (see --help)")))
+
+
 def command_parser(command: str, doc: str) -> argparse.ArgumentParser:
     """The parser of `python -m lgm_jax.<command>`: its --help shows that name and `doc` (the
-    command's module docstring, which says what it does and gives an example) as written."""
-    return argparse.ArgumentParser(
+    command's module docstring, which says what it does and gives an example) as written; a
+    bad flag or value is one line on stderr and exit status 2."""
+    return _Parser(
         prog=f"python -m lgm_jax.{command}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+# Flag types with a range: `type=errors.count` etc. A value out of range is refused by the
+# parser, naming the flag, the value and what is allowed.
+
+
+def _number(kind, text: str, ok, allowed: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 1 (images, seeds, epochs, steps, views, batch sizes)."""
+    return _number(int, text, lambda v: v >= 1, "an integer >= 1")
+
+
+def natural(text: str) -> int:
+    """An integer >= 0 (warm-up steps, a chunk size where 0 means none)."""
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive(text: str) -> float:
+    """A finite number > 0 (learning rates, temperatures)."""
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def finite(text: str) -> float:
+    """Any finite number (a mean)."""
+    return _number(float, text, math.isfinite, "a finite number")
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (a standard deviation)."""
+    return _number(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (a share of a device's peak)."""
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    return _number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")

@@ -416,17 +416,19 @@ def _parser() -> argparse.ArgumentParser:
         " (the run's config.backbone: the cache records this name)",
     )
     p.add_argument("--weights", default=None, help="converted weights (random weights without)")
-    p.add_argument("--views", type=int, default=10, help="augmented views M per image")
+    p.add_argument("--views", type=errors.count, default=10, help="augmented views M per image")
     p.add_argument("--out", required=True, help="cache directory (resumable)")
     p.add_argument("--split", default="train")
-    p.add_argument("--syn-res", type=int, default=256, help="crop side before augmentation")
-    p.add_argument("--input-res", type=int, default=224, help="backbone input side")
-    p.add_argument("--shard-size", type=int, default=512, help="images per shard file")
+    p.add_argument(
+        "--syn-res", type=errors.count, default=256, help="crop side before augmentation"
+    )
+    p.add_argument("--input-res", type=errors.count, default=224, help="backbone input side")
+    p.add_argument("--shard-size", type=errors.count, default=512, help="images per shard file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="stored features")
-    p.add_argument("--noise-mean", type=float, default=0.0)
-    p.add_argument("--noise-std", type=float, default=0.2)
-    p.add_argument("--threads", type=int, default=8, help="image decoding threads")
+    p.add_argument("--noise-mean", type=errors.finite, default=0.0)
+    p.add_argument("--noise-std", type=errors.non_negative, default=0.2)
+    p.add_argument("--threads", type=errors.count, default=8, help="image decoding threads")
     return p
 
 

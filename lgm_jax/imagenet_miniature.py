@@ -107,10 +107,15 @@ def write(out: str, per_class: int = 2, val: int = 300, num_classes: int = 1000)
 def main(argv=None) -> int:
     parser = errors.command_parser("imagenet_miniature", __doc__)
     parser.add_argument("--out", required=True, help="the manual directory to write")
-    parser.add_argument("--per-class", type=int, default=2, help="train images per synset")
-    parser.add_argument("--val", type=int, default=300, help="validation images (the first V)")
+    parser.add_argument("--per-class", type=errors.count, default=2, help="train images per synset")
     parser.add_argument(
-        "--classes", type=int, default=1000, help="first synsets only (tests; tfds needs 1000)"
+        "--val", type=errors.natural, default=300, help="validation images (the first V)"
+    )
+    parser.add_argument(
+        "--classes",
+        type=errors.count,
+        default=1000,
+        help="first synsets only (tests; tfds needs 1000)",
     )
     args = parser.parse_args(argv)
 

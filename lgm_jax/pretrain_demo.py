@@ -132,10 +132,10 @@ def pretrain(
 def parse(argv=None) -> argparse.Namespace:
     p = command_parser("pretrain_demo", __doc__)
     p.add_argument("--out", required=True, help="directory for the converted weights")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--steps", type=errors.count, default=600)
+    p.add_argument("--batch", type=errors.count, default=256)
+    p.add_argument("--lr", type=errors.positive, default=1e-3)
+    p.add_argument("--temperature", type=errors.positive, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:

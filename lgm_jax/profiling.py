@@ -42,6 +42,7 @@ import re
 import sys
 import time
 
+from lgm_jax import errors
 from lgm_jax.errors import command_parser, run_command
 
 PHASES = ("real_features", "syn_features", "probe", "syn_backward", "optimizer")
@@ -428,8 +429,8 @@ def main(argv=None) -> int:
     p = command_parser("profiling", __doc__)
     p.add_argument("trace_dir", help="the folder jax.profiler wrote (holding plugins/profile)")
     p.add_argument("--hlo", required=True, help="the step's optimised HLO text (.txt or .txt.gz)")
-    p.add_argument("--steps", type=int, default=1, help="how many steps the trace holds")
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--steps", type=errors.count, default=1, help="how many steps the trace holds")
+    p.add_argument("--top", type=errors.count, default=15)
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
 
