@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lgm_jax import checkpoint, config_base, distilled, lgm, profiling, pyramid
+from lgm_jax import accelerators, checkpoint, config_base, distilled, lgm, profiling, pyramid
 from lgm_jax.errors import InputError
 from lgm_jax.prefetch import prefetch_map
 from lgm_jax.stops import NonFiniteGuard, Stop
@@ -178,6 +178,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, lgm.Sta
     config_base.check(config)  # every setting in range before anything slow
     if config.get("distributed", False):
         jax.distributed.initialize()
+    if warning := accelerators.cpu_only_warning(jax.default_backend()):  # after initialize
+        log.warning("%s", warning)
     if config.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # Each pyramid level re-traces the step; a restarted (preempted) run finds its
         # programs here instead of compiling them again.
