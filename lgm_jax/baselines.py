@@ -286,7 +286,7 @@ def run_full(
     result = evaluate.protocol_result(
         probes, losses, n, time.time() - t0, features=bb.features, params=params, cfg=cfg,
         test_batches=evaluate.test_stream(ds, bb.input_res, test_batch), seeds=seeds, seed=seed,
-        group_names=ds.group_names, group_sets=ds.group_sets,
+        **evaluate.group_options(ds),
     )  # fmt: skip
     result = {"method": "full", "backbone": backbone, "dataset": dataset, **result}
     result["settings"]["streamed"] = True

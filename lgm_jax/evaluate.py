@@ -135,6 +135,15 @@ def test_stream(ds, input_res: int, batch_size: int) -> Callable[[], Iterable[di
     return lambda: data.eval_iterator(ds, "test", batch_size, crop=input_res, resize=resize)
 
 
+def group_options(ds) -> dict:
+    """protocol_result's group_names and group_sets of a dataset (none for a dataset without
+    groups, or a stand-in object that has only the class count)."""
+    return {
+        "group_names": getattr(ds, "group_names", None),
+        "group_sets": getattr(ds, "group_sets", ()),
+    }
+
+
 def eval_dirname(backbone: str, mode: str) -> str:
     return backbone.replace("/", "_") + ("-fast" if mode == "fast" else "")
 
@@ -225,8 +234,7 @@ def evaluate(
         seeds=seeds,
         seed=seed,
         devices=devices,
-        group_names=ds.group_names,
-        group_sets=ds.group_sets,
+        **group_options(ds),
     )
     result = {
         "method": method or meta.get("method", "distilled"),
