@@ -35,11 +35,21 @@ assignment or its limits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
-# Peak dense TFLOP/s by device kind substring and dtype. H200: SPEC's "about 790" for bf16 (the
-# datasheet's 989 assumes the SXM part at its top clock); float32 is the TF32 tensor-core rate,
-# which XLA uses for float32 matmuls by default on Hopper.
+# Peak dense TFLOP/s by device kind substring (as in jax.Device.device_kind) and dtype, and the
+# memory of one device as JAX sees it; the kinds `python -m lgm_jax.preflight --target` sizes for.
+# Sources: the vendors' spec sheets (dense rates, i.e. without the 2:4 sparsity that the headline
+# figures assume). NVIDIA H100 SXM datasheet: bf16 989, TF32 494, 80 GB. H200: SPEC's "about
+# 790" for bf16 (the datasheet gives H100 SXM's 989 at the SXM part's top clock; 790 keeps the
+# benchmark's fractions of peak comparable), 141 GB of which JAX sees ~140 GiB. A100 80 GB SXM
+# datasheet: bf16 312, TF32 156. RTX 4090 (NVIDIA Ada whitepaper): bf16 with float32
+# accumulation (what XLA emits) 165.2, TF32 82.6, 24 GB. Google Cloud TPU system architecture
+# pages, per chip: v4 275 bf16, 32 GiB HBM; v5e 197 bf16, 16 GiB; v5p 459 bf16, 95 GiB.
+# float32 is the TF32 tensor-core rate on NVIDIA GPUs, which XLA uses for float32 matmuls by
+# default; no float32 row for TPUs (their float32 matmuls run as several bf16 passes).
+# "TPU v5 lite" (v5e) comes before "TPU v5" (v5p): the first substring that matches wins.
 PEAK_TFLOPS = {
     ("H200", "bfloat16"): 790.0,
     ("H200", "float32"): 395.0,
@@ -47,6 +57,20 @@ PEAK_TFLOPS = {
     ("H100", "float32"): 494.0,
     ("A100", "bfloat16"): 312.0,
     ("A100", "float32"): 156.0,
+    ("RTX 4090", "bfloat16"): 165.2,
+    ("RTX 4090", "float32"): 82.6,
+    ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v5 lite", "bfloat16"): 197.0,
+    ("TPU v5", "bfloat16"): 459.0,
+}
+DEVICE_MEMORY_GIB = {
+    "H200": 140.0,
+    "H100": 80.0,
+    "A100": 80.0,
+    "RTX 4090": 24.0,
+    "TPU v4": 32.0,
+    "TPU v5 lite": 16.0,
+    "TPU v5": 95.0,
 }
 
 # Substrings of a custom call's target that mean a round trip to the host.
@@ -78,8 +102,9 @@ def backbone_and_params(c, abstract: bool = False):
 def build_step(c, classes: int, *, real_res=None, mesh=False, abstract=False):
     """(step, its arguments, backbone, step config) of config `c` with `classes` classes, as a
     run builds them (config_base), on random weights and random real data of side `real_res`
-    (default: syn_res); `mesh`: over all devices. With `abstract` the arguments are shapes only
-    (nothing allocated: enough to lower the step)."""
+    (default: syn_res); `mesh`: True for a mesh over all devices, or the mesh. With `abstract`
+    the arguments are shapes only (nothing allocated: enough to lower and compile the step),
+    laid out on the mesh as a run lays them out."""
     import jax
 
     from lgm_jax import config_base, lgm, pyramid
@@ -87,7 +112,7 @@ def build_step(c, classes: int, *, real_res=None, mesh=False, abstract=False):
     cfg = config_base.step_config(c, classes)
     backbone, params = backbone_and_params(c, abstract)
     tx = lgm.optimizer(c.lr)
-    mesh = lgm.data_mesh() if mesh else None
+    mesh = lgm.data_mesh() if mesh is True else (mesh or None)
     step = lgm.make_step(backbone.features, backbone.feature_dim, tx, cfg, mesh=mesh)
     # The full pyramid (1 .. syn_res): the steady state after the last level is added.
     levels = pyramid.resolutions(1, cfg.syn_res)
@@ -95,7 +120,26 @@ def build_step(c, classes: int, *, real_res=None, mesh=False, abstract=False):
     key = jax.random.key(1)
     state = jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
     real, labels = real_batch(cfg, backbone.feature_dim, real_res, abstract, mesh)
-    return step, (state, params, real, labels), backbone, cfg
+    step_args = (state, params, real, labels)
+    if abstract and mesh is not None:
+        step_args = laid_out(step_args, mesh, cfg.state_sharding == "class")
+    return step, step_args, backbone, cfg
+
+
+def laid_out(step_args, mesh, by_class: bool):
+    """Shapes of the step's arguments with the shardings a run gives them on `mesh`: the state
+    by `lgm.state_sharding`, the weights replicated, the real rows split over the devices."""
+    import jax
+
+    from lgm_jax import lgm
+
+    state, params, real, labels = step_args
+    P, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    state = jax.tree_util.tree_map(with_sharding, state, lgm.state_sharding(state, mesh, by_class))
+    params = jax.tree_util.tree_map(lambda x: with_sharding(x, named(mesh, P())), params)
+    rows = named(mesh, P("data"))
+    return state, params, with_sharding(real, rows), with_sharding(labels, rows)
 
 
 def real_batch(cfg, feature_dim: int, real_res, abstract: bool, mesh):
@@ -189,6 +233,62 @@ def device_peak_memory() -> int | None:
     return max(int(s["peak_bytes_in_use"]) for s in stats)
 
 
+def tree_bytes(tree) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def image_bytes_per_row(step_cfg, input_res: int) -> int:
+    """Float32 image buffers one synthetic row of a chunk holds while it is differentiated: its
+    rows of every pyramid level, the decoded image at syn_res, the backbone's input at
+    input_res, and the cotangent of each."""
+    from lgm_jax import pyramid
+
+    pixels = sum(r * r for r in pyramid.resolutions(1, step_cfg.syn_res))
+    return 2 * 3 * 4 * (pixels + step_cfg.syn_res**2 + input_res**2)
+
+
+def memory_estimate(step_args, vit_config, step_cfg, num_devices: int = 1, kept=None) -> dict:
+    """Bytes per device of one step, counted from shapes (no compilation): what a machine that
+    can only lower the step is sized by (`python -m lgm_jax.preflight --target`).
+
+    step_args: (state, params, real, labels) of `build_step` (shapes will do), for the whole
+    batch; the device's share follows from `step_cfg` over `num_devices`. Terms:
+      state       the pyramid, its Adam moments and counters (split over the devices for the
+                  [N, r, r, 3] leaves with state_sharding "class"; updated in place: donated);
+      params      the backbone's weights (replicated);
+      inputs      the device's real rows and labels;
+      gradients   the level gradients and Adam's update of the levels held (2 x levels);
+      activations rows per backbone call (the chunk) x (what the backbone keeps per row for its
+                  backward pass, `residual_bytes_per_row`, the same count as
+                  `python -m lgm_jax.benchmark --lower`, plus `image_bytes_per_row`).
+    Not counted: the backward's own working set within one block, XLA's padding and
+    fragmentation, the compiled code; the caller keeps a margin for them. `kept`: the
+    backbone's `residual_bytes_per_row`, when the caller has it (it traces the backbone).
+    """
+    from lgm_jax import lgm
+
+    state, params, real, labels = step_args
+    split = num_devices if step_cfg.state_sharding == "class" else 1
+    levels = tree_bytes(state.levels) // split
+    state_b = tree_bytes(state) - tree_bytes(state.levels) * 3 + 3 * levels
+    local = step_cfg.num_real // num_devices
+    chunk = lgm.chunk_size(local, step_cfg.chunk_size)
+    kept = residual_bytes_per_row(vit_config) if kept is None else kept
+    per_row = kept + image_bytes_per_row(step_cfg, vit_config.input_res)
+    out = {
+        "state": state_b,
+        "params": tree_bytes(params),
+        "inputs": tree_bytes((real, labels)) // num_devices,
+        "gradients": 2 * levels,
+        "activations": chunk * per_row,
+    }
+    out["total"] = sum(out.values())
+    out |= {"rows_per_chunk": chunk, "kept_bytes_per_row": kept, "bytes_per_row": per_row}
+    return out
+
+
 # ----------------------------------------------------------------------------- lowering
 
 
@@ -219,6 +319,7 @@ def assume_cudnn(platform: str):
             setattr(fa, n, f)
 
 
+@functools.lru_cache(maxsize=16)  # it traces the whole backbone twice: seconds for ViT-B/14
 def residual_bytes_per_row(vit_config) -> int:
     """Bytes the backbone's VJP with respect to its input images keeps per image between the
     forward and the backward pass, as JAX saves them (XLA's fusion can only drop some): what a
