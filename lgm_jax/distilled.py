@@ -31,7 +31,7 @@ import zipfile
 
 import numpy as np
 
-from lgm_jax.errors import InputError
+from lgm_jax.errors import InputError, read_json
 
 FILENAME = "synthetic.npz"
 SYN_RES = 256  # the side of distilled (and baseline) images in real runs
@@ -209,8 +209,7 @@ def _run_config(npz: str) -> dict:
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(npz)), "config.json")
     if not os.path.isfile(cfg_path):
         return {}
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path, "a run's config.json")
     return {k: cfg[k] for k in ("dataset", "backbone", "data_dir") if isinstance(cfg.get(k), str)}
 
 
@@ -391,11 +390,7 @@ def _set_json(path: str) -> dict:
     p = os.path.join(path, SET_JSON)
     if not os.path.isfile(p):
         return {}
-    try:
-        with open(p) as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{p} is not readable JSON ({e})") from e
+    record = read_json(p, "a distilled set's set.json", "delete it to name classes by folder")
     return record if isinstance(record, dict) else {}
 
 

@@ -10,7 +10,9 @@ status 2. Every other exception is an internal error and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -33,6 +35,22 @@ def run_command(main: Callable[[], int | None]) -> int:
     except (InputError, FileNotFoundError) as e:
         return report(e)
     return status if isinstance(status, int) else 0
+
+
+def read_json(path: str, what: str = "a JSON file", fix: str = ""):
+    """The JSON value in `path`; an InputError naming the file, what it should be and what is
+    wrong when it is missing, a directory, unreadable or not JSON (`fix`: how to mend it)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory, not {what}{'; ' + fix if fix else ''}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(
+            f"{path} is not readable as {what} ({type(e).__name__}: {e}){'; ' + fix if fix else ''}"
+        ) from e
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,13 +20,12 @@ or a Hugging Face dataset (the formats lgm_jax/distilled.py owns; every one of t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from lgm_jax import distilled
+from lgm_jax import distilled, errors
 from lgm_jax.errors import InputError, command_parser, run_command
 
 FORMATS = ("folder", "pth", "hf")
@@ -45,8 +44,7 @@ def decoded_levels(run: str, s: distilled.ImageSet) -> np.ndarray | None:
     if not steps:
         return None
     step = s.meta.get("step") if s.meta.get("step") in steps else steps[-1]
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = errors.read_json(cfg_path, "a run's config.json")
     levels = checkpoint.read_levels(run, step)
     x = pyramid.decode(levels, int(cfg["syn_res"]), bool(cfg.get("decorrelate_colors", True)))
     x = np.clip(np.asarray(x, np.float32), 0, 1)

@@ -241,8 +241,7 @@ def _build_shard(s, source, pool, compute, params, batch_sharding, layout: _Shar
 def _write_or_check_meta(out: str, meta: dict, process_index: int) -> None:
     path = os.path.join(out, "meta.json")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = errors.read_json(path, "a feature cache's meta.json", "choose another --out")
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if diff:
             raise CacheMismatch(
@@ -284,8 +283,7 @@ def _read_meta(path: str) -> dict:
             f"no feature cache in {path} (no meta.json); build one with "
             f"{COMMAND} --dataset ... --backbone ... --out {path}"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = errors.read_json(meta_path, "a feature cache's meta.json", f"rebuild it with {COMMAND}")
     if meta.get("format") != FORMAT:
         raise CacheMismatch(
             f"feature cache {path} has format {meta.get('format')!r}, this lgm_jax reads format "

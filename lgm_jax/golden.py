@@ -13,7 +13,6 @@ augmentation rounds, real images and levels. The recorded settings become a conf
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -80,8 +79,7 @@ def load_golden(path: str):
     missing = [n for n, p in files.items() if not os.path.exists(p)]
     if missing:
         raise GoldenError(f"{path} is not a golden step directory: missing {', '.join(missing)}")
-    with open(files["meta.json"]) as f:
-        meta = json.load(f)
+    meta = errors.read_json(files["meta.json"], "a golden step's meta.json")
     absent = [k for k in META_KEYS if k not in meta]
     if absent:
         raise GoldenError(f"{files['meta.json']} lacks settings: {', '.join(absent)}")

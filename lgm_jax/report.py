@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -48,8 +47,7 @@ def collect(files) -> dict:
     """{(dataset, method, backbone): top1 summary} from eval.json files."""
     cells = {}
     for path in files:
-        with open(path) as f:
-            r = json.load(f)
+        r = errors.read_json(path, "an eval.json")
         method, bb = r.get("method", "distilled"), r["backbone"]
         src = r.get("distill_backbone")
         if method in ("distilled", "neighbors") and src and src != bb:
