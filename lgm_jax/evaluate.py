@@ -106,7 +106,8 @@ def protocol_result(
     by_group = {}
     if "group_count" in acc:
         names = group_names or [str(g) for g in range(len(acc["group_count"]))]
-        by_group = groups.metrics(acc["group_correct"], acc["group_count"], names, group_sets)
+        counts = acc["group_correct"], acc["group_count"]
+        by_group = groups.metrics(*counts, names, group_sets, summarize=probe.summarize)
     return {
         "top1": probe.summarize(acc["top1"]),
         "top5": probe.summarize(acc["top5"]),
@@ -158,7 +159,7 @@ def write_result(result: dict, out: str) -> str:
 
 def format_row(result: dict) -> str:
     """The result's table row (under TABLE_HEAD, or GROUP_HEAD when it has groups)."""
-    pm = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"
+    pm = groups.plus_minus
     row = (
         f"| {result.get('method', 'distilled')} | {result.get('dataset', '?')} | "
         f"{result.get('backbone', '?')} | {result['num_images']} | {result['settings']['mode']} | "

@@ -3,13 +3,13 @@
 The test pass tallies each seed's top-1 hits per group (`Tally`, fed by probe.test_probes);
 `metrics` turns the tallies into the eval.json fields: per-group accuracy, the worst and the
 average group (accuracy computed per seed over the groups that have test examples, then mean and
-std over seeds, like top-1), and the pooled accuracy of named sets of groups; `format_lines` prints
-them. Pure NumPy.
+std over seeds like top-1, by the caller's `summarize`), and the pooled accuracy of named sets
+of groups; `format_lines` prints them. Pure NumPy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -29,24 +29,18 @@ class Tally:
         self.hits.append(np.asarray(hits)[:, m])
 
     def counts(self) -> dict:
-        """{"group_count": [G], "group_correct": [S, G]} (G = largest group id + 1), or {}."""
+        """{"group_correct": [S, G], "group_count": [G]} (G = largest group id + 1), or {}."""
         if not self.groups:
             return {}
         g, h = np.concatenate(self.groups), np.concatenate(self.hits, axis=1)
         count = np.bincount(g)
         correct = np.stack([np.bincount(g, x, len(count)) for x in h])
-        return {"group_count": count, "group_correct": correct}
+        return {"group_correct": correct, "group_count": count}
 
 
-def _summary(percent) -> dict:
-    """Mean, std (ddof=1; 0 for one seed) and per-seed values of percentages [S]."""
-    v = np.asarray(percent, np.float64)
-    std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
-    return {"mean": float(np.mean(v)), "std": std, "per_seed": [float(x) for x in v]}
-
-
-def metrics(correct, count, names: Sequence[str], sets=()) -> dict:
-    """eval.json fields from top-1 hits correct [S, G'] and test counts [G'] (G' <= len(names)).
+def metrics(correct, count, names: Sequence[str], sets=(), *, summarize: Callable) -> dict:
+    """eval.json fields from top-1 hits correct [S, G'] and test counts [G'] (G' <= len(names));
+    `summarize` (probe.summarize) turns per-seed fractions [S] into {mean, std, per_seed} in %.
 
     groups: {name: {"num_test", "top1": summary or None when the group has no test example}};
     worst_group / average_group: summaries over the groups with test examples; group_sets:
@@ -59,26 +53,27 @@ def metrics(correct, count, names: Sequence[str], sets=()) -> dict:
     present = count > 0
     if not present.any():
         raise ValueError("no test example has a group")
-    acc = 100.0 * correct[:, present] / count[present]  # [S, G with examples]
+    acc = correct[:, present] / count[present]  # [S, G with examples]
     out = {
-        "worst_group": _summary(acc.min(axis=1)),
-        "average_group": _summary(acc.mean(axis=1)),
+        "worst_group": summarize(acc.min(axis=1)),
+        "average_group": summarize(acc.mean(axis=1)),
         "groups": {},
     }
     for k, name in enumerate(names):
-        top1 = _summary(100.0 * correct[:, k] / count[k]) if count[k] else None
+        top1 = summarize(correct[:, k] / count[k]) if count[k] else None
         out["groups"][name] = {"num_test": int(count[k]), "top1": top1}
     if sets:
         out["group_sets"] = {}
         for name, ids in sets:
             ids = list(ids)
             n = int(count[ids].sum())
-            top1 = _summary(100.0 * correct[:, ids].sum(1) / n) if n else None
+            top1 = summarize(correct[:, ids].sum(1) / n) if n else None
             out["group_sets"][name] = {"groups": len(ids), "num_test": n, "top1": top1}
     return out
 
 
-def _pm(s: dict | None) -> str:
+def plus_minus(s: dict | None) -> str:
+    """'mean ± std' of a summary (2 decimals), '—' for None."""
     return "—" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
 
 
@@ -88,9 +83,9 @@ def format_lines(result: dict) -> str:
     groups = result.get("groups", {})
     if len(groups) <= SHOWN:
         for name, g in groups.items():
-            lines.append(f"  group {name} ({g['num_test']} test): {_pm(g['top1'])}")
+            lines.append(f"  group {name} ({g['num_test']} test): {plus_minus(g['top1'])}")
     else:
         lines.append(f"  {len(groups)} groups: per-group top-1 in eval.json")
     for n, g in result.get("group_sets", {}).items():
-        lines.append(f"  {n} ({g['groups']} groups, {g['num_test']} test): {_pm(g['top1'])}")
+        lines.append(f"  {n} ({g['groups']} groups, {g['num_test']} test): {plus_minus(g['top1'])}")
     return "\n".join(lines)

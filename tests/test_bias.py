@@ -182,10 +182,12 @@ def test_group_metrics_against_a_hand_count():
     t.add([0, 0, 2, 0], [[1, 0, 1, 1], [1, 1, 0, 0]], [True, True, True, False])
     t.add([2, 2], [[0, 1], [0, 1]], [True, True])
     c = t.counts()
+    assert list(c) == ["group_correct", "group_count"]
     np.testing.assert_array_equal(c["group_count"], [2, 0, 3])
     np.testing.assert_array_equal(c["group_correct"], [[1, 0, 2], [2, 0, 1]])
     names = ("a", "b", "c", "d")
-    m = groups.metrics(c["group_correct"], c["group_count"], names, (("a+c", (0, 2)),))
+    sets = (("a+c", (0, 2)),)
+    m = groups.metrics(*c.values(), names, sets, summarize=probe.summarize)
     # seed 0: a 50%, c 66.7%; seed 1: a 100%, c 33.3%
     np.testing.assert_allclose(m["worst_group"]["per_seed"], [50, 100 / 3])
     np.testing.assert_allclose(m["average_group"]["per_seed"], [(50 + 200 / 3) / 2, 200 / 3])
