@@ -28,13 +28,12 @@ torch.load(weights_only=True). tools/convert_weights.py is a shell for this comm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
-from lgm_jax.errors import InputError, command_parser, run_command
+from lgm_jax.errors import InputError, command_parser, read_json, run_command
 
 TOLERANCE = 1e-4
 FAMILIES = ("dinov2", "clip", "eva02", "mocov3", "dino", "dinov3")
@@ -70,8 +69,8 @@ def load_torch(source: str, family: str | None = None, arch: str | None = None):
             raise InputError(f"--source {source}: {e}") from e
         return family, model.eval().float(), None
     if os.path.isdir(source):
-        with open(os.path.join(source, "config.json")) as f:
-            arch = arch or json.load(f)["architecture"]
+        cfg = read_json(os.path.join(source, "config.json"), "a timm config.json")
+        arch = arch or cfg["architecture"]
         source = os.path.join(source, "model.safetensors")
     if os.path.isfile(source):
         return load_timm_checkpoint(source, family, arch)
@@ -110,8 +109,7 @@ def load_timm_checkpoint(path: str, family: str, arch: str | None):
 def detect_family(source: str) -> str:
     cfg_path = os.path.join(source, "config.json")
     if os.path.isdir(source) and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = read_json(cfg_path, "a model's config.json")
         kind, arch = cfg.get("model_type", ""), cfg.get("architecture", "")
     elif os.path.isfile(source):
         raise InputError(f"{source} is a checkpoint file: pass --family ({', '.join(FAMILIES)})")

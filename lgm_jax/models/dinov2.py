@@ -12,9 +12,9 @@ in-memory state dict of transformers >= 5 (`attention.q_proj`, ...) are accepted
 
 from __future__ import annotations
 
-import json
 import os
 
+from lgm_jax.errors import read_json
 from lgm_jax.models import weights
 from lgm_jax.models.vit import ViTConfig, param_shapes
 
@@ -116,6 +116,5 @@ def load(path: str, **kw) -> tuple[ViTConfig, dict]:
                 f"{p} not found: a DINOv2 backbone directory needs config.json and "
                 "model.safetensors (save one with transformers' save_pretrained)"
             )
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), **kw)
+    cfg = config_from_hf(read_json(cfg_path, "a transformers config.json"), **kw)
     return cfg, to_flax(weights.read_safetensors(st_path), cfg, source=st_path)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lgm_jax.errors import InputError
+from lgm_jax.errors import InputError, read_json
 from lgm_jax.models import clip, dinov2, dinov3, eva02, plain_vit
 from lgm_jax.models import weights as weights_mod
 from lgm_jax.models.vit import ViT, ViTConfig, param_shapes
@@ -200,14 +200,18 @@ def load_converted(path: str, **overrides) -> tuple[Backbone, dict]:
     """Read a directory written by `save_converted`; every key and shape is checked."""
     cfg_path = os.path.join(path, "config.json")
     st_path = os.path.join(path, "params.safetensors")
+    if os.path.isfile(path):
+        raise InputError(
+            f"{path} is a file: converted weights are a directory with config.json and "
+            "params.safetensors (write one with tools/convert_weights.py)"
+        )
     for p in (cfg_path, st_path):
         if not os.path.exists(p):
             raise FileNotFoundError(
                 f"{p} not found: converted weights are a directory with config.json and "
                 "params.safetensors (write one with tools/convert_weights.py)"
             )
-    with open(cfg_path) as f:
-        meta = json.load(f)
+    meta = read_json(cfg_path, "a converted-weights config.json", "convert the weights again")
     family, name = meta.pop("family", None), meta.pop("name", None)
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(meta) - fields)
