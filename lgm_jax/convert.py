@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from lgm_jax import errors
 from lgm_jax.errors import InputError, command_parser, read_json, run_command
 
 TOLERANCE = 1e-4
@@ -307,12 +308,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", help="timm architecture for a checkpoint file")
     parser.add_argument("--name", help="registry name to record (default: inferred)")
     parser.add_argument(
-        "--input-res", type=int, default=224, help="side of the backbone's input images"
+        "--input-res", type=errors.count, default=224, help="side of the backbone's input images"
     )
     parser.add_argument("--verify", action="store_true")
     parser.add_argument(
         "--verify-size",
-        type=int,
+        type=errors.natural,
         default=0,
         help="also verify at this resolution (position embeddings resized)",
     )
