@@ -97,6 +97,6 @@ def cpu_only_warning(
             return (
                 f"this machine has a {kind.upper()} ({found}) but JAX sees only the CPU, so every "
                 f"step will be slow: install JAX for it, {FIX[kind]}, and check with "
-                "python -c \"import jax; print(jax.devices())\" (docs/accelerators.md)"
+                'python -c "import jax; print(jax.devices())" (docs/accelerators.md)'
             )
     return None
