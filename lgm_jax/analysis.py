@@ -1,4 +1,4 @@
-"""Representation alignment between backbones, and whether it predicts cross-model transfer.
+r"""Representation alignment between backbones, and whether it predicts cross-model transfer.
 
 Example (the bundled demo backbone against a random-init one, on 500 demo test digits):
 
@@ -474,10 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw = dict(
             weights=a.weights, k=a.k, limit=a.limit, batch_size=a.batch_size, data_dir=a.data_dir
         )
-        return run_command(lambda: alignment(a.dataset, a.backbones, a.out, **kw) and None)
+        return run_command(lambda: alignment(a.dataset, a.backbones, a.out, **kw))
     if argv and argv[0] == "predict":
         a = _predict_parser().parse_args(argv[1:])
-        return run_command(lambda: predict(a.grid, a.alignment, a.out, a.names) and None)
+        return run_command(lambda: predict(a.grid, a.alignment, a.out, a.names))
     p = command_parser("analysis", __doc__)
     p.add_argument("command", choices=("alignment", "predict"))
     p.parse_args(argv)  # --help, or an unknown command (exit 2)
