@@ -190,3 +190,23 @@ def test_predict_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "not a JSON grid file" in capsys.readouterr().err
     assert analysis.main([*base, "--grid", align, "--alignment", align]) == 2
     assert "not a grid file" in capsys.readouterr().err
+
+
+def test_spearman_random_permutations_agree_with_scipys_permutation_test():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(12)
+    y = 0.6 * x + rng.standard_normal(12)
+    got = analysis.spearman(x, y)
+
+    def rho(a, b, axis):  # Pearson of the ranks, batched over scipy's resamples
+        ra, rb = (stats.rankdata(v, axis=axis) for v in (a, b))
+        ra, rb = (r - r.mean(axis, keepdims=True) for r in (ra, rb))
+        return (ra * rb).sum(axis) / np.sqrt((ra**2).sum(axis) * (rb**2).sum(axis))
+
+    ref = stats.permutation_test(
+        (x, y), rho, permutation_type="pairings", vectorized=True, n_resamples=20_000,
+        random_state=0,
+    )  # fmt: skip
+    assert 0.005 < ref.pvalue < 0.5  # a p-value the two estimates can be compared at
+    assert got["p_permutation"] == pytest.approx(ref.pvalue, abs=0.02)
+    assert got["rho"] == pytest.approx(ref.statistic, abs=1e-12)
