@@ -15,11 +15,12 @@ PACKAGE = ROOT / "lgm_jax"
 # never above. The layers below the step's maths (0 and 1) may not import each other's
 # groups either: models/, data/, pyramid, augment, resample and preprocess stand on their own.
 LAYERS = [
-    {"preprocess", "errors", "prefetch", "resample", "assets"},  # leaves
+    {"preprocess", "errors", "prefetch", "resample", "assets", "groups"},  # leaves
     {"pyramid", "augment", "models", "data", "distilled"},  # what the step's maths stands on
     {"lgm", "probe"},  # the step's maths and the probe protocol
     {
         "config_base",
+        "accelerators",
         "checkpoint",
         "feature_cache",
         "profiling",
@@ -46,6 +47,8 @@ COMMANDS = [
     "data_bench",
     "export",
     "imagenet_miniature",
+    "analysis",
+    "preflight",
 ]
 
 
