@@ -309,12 +309,19 @@ def print_table(r: dict, spec: str) -> None:
 
 def parse(argv):
     p = errors.command_parser("preflight", __doc__)
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:ARG]",
+        help="the run's config, as main.py takes it; --config.KEY=VALUE overrides follow it",
+    )
     p.add_argument("--target", help="size for this machine instead of the devices present")
     p.add_argument("--devices", type=int, help="device count (default: the target's or all)")
     p.add_argument("--utilisation", type=float, help="fraction of peak (default 0.4)")
     p.add_argument("--margin", type=float, default=0.1, help="memory left free (default 0.1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args, rest = p.parse_known_args(argv)
+    rest = [f"--config={args.config}", *rest]
     if other := [a for a in rest if not a.startswith("--config")]:
         raise errors.InputError(f"unexpected argument(s): {' '.join(other)}")
     for name, v, ok in (
