@@ -203,6 +203,7 @@ def read_levels(workdir: str, step: int) -> tuple[np.ndarray, ...]:
     from the checkpoint's own shapes (no template: any device count, any layout), each checked
     against its recorded checksum; an InputError when it cannot be read or does not verify."""
     folder = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+    _quiet_closed_loop()
     try:
         with open(os.path.join(folder, "meta", "metadata")) as f:
             recorded = json.load(f).get("digests", {})
