@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lgm_jax import baselines, config_base, evaluate
+from lgm_jax import baselines, config_base, errors, evaluate
 from lgm_jax.errors import InputError, command_parser, run_command
 
 METRICS = ("mutual_knn", "cka")
@@ -449,9 +449,11 @@ def _alignment_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--backbones", nargs="+", required=True, help="NAME[=LABEL] ...")
     p.add_argument("--weights", nargs="*", default=[], help="LABEL=DIR ... (none: random init)")
-    p.add_argument("--k", type=int, default=10, help="neighbours of mutual k-NN")
-    p.add_argument("--limit", type=int, default=None, help="first N test images (default: all)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--k", type=errors.count, default=10, help="neighbours of mutual k-NN")
+    p.add_argument(
+        "--limit", type=errors.count, default=None, help="first N test images (default: all)"
+    )
+    p.add_argument("--batch-size", type=errors.count, default=256)
     p.add_argument("--data-dir", default=None, help="dataset directory, if not the default")
     p.add_argument("--out", required=True)
     return p
