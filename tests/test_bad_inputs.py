@@ -54,7 +54,7 @@ def _cases(f):
             "evaluate",
             ["--distilled", good, *ev, "--weights", str(f["bad_safetensors"])],
             "params.safetensors",
-        ),  # fmt: skip
+        ),
         ("evaluate", ["--distilled", good, *ev, "--weights", str(f["bad_json"])], "config.json"),
         ("report", [str(f["evals"]), "--out", str(root / "r")], "eval.json"),
         ("golden", ["--golden", str(f["a_file"])], "golden step"),
@@ -65,23 +65,23 @@ def _cases(f):
             "export",
             ["--distilled", good, "--format", "folder", "--out", str(f["a_file"])],
             "a_file",
-        ),  # fmt: skip
+        ),
         (
             "convert",
             ["--source", str(root / "no_such_dir"), "--out", str(root / "c")],
             "no such file or directory",
-        ),  # fmt: skip
+        ),
         # flags out of range, unknown or malformed
         (
             "evaluate",
             ["--distilled", good, "--backbone", "dinov2_tiny", "--epochs", "0"],
             "--epochs: '0' is not an integer >= 1",
-        ),  # fmt: skip
+        ),
         (
             "evaluate",
             ["--distilled", good, "--backbone", "dinov2_tiny", "--seeds", "x"],
             "--seeds",
-        ),  # fmt: skip
+        ),
         ("evaluate", ["--distilled", good, "--backbone", "dinov9", *ev[2:]], "dinov9"),
         ("export", ["--distilled", good, "--format", "tiff", "--out", str(root / "e")], "tiff"),
         (
@@ -97,11 +97,19 @@ def _cases(f):
                 str(root / "fc"),
             ],
             "--views: '-1'",
-        ),  # fmt: skip
+        ),
         ("profiling", ["--steps", "0", str(root)], "--steps"),
         ("pretrain_demo", ["--lr", "nan", "--out", str(root / "p")], "--lr: 'nan'"),
         ("imagenet_miniature", ["--out", str(root / "m"), "--per-class", "0"], "--per-class"),
         ("data_bench", ["--batch", "0"], "--batch"),
+        (
+            "analysis",
+            [
+                *"alignment --dataset mnist_demo --backbones a b --k 0 --out".split(),
+                str(root / "al"),
+            ],
+            "--k: '0'",
+        ),
         ("report", ["--no-such-flag", str(root)], "unrecognized arguments: --no-such-flag"),
     ]
 
