@@ -290,6 +290,9 @@ def print_table(r: dict, spec: str) -> None:
     parts = ("state", "params", "inputs", "gradients", "activations")
     print("  estimate: " + " + ".join(f"{k} {gib(e[k])}" for k in parts) + f" = {gib(e['total'])}"
           f" ({e['rows_per_chunk']} rows x {e['bytes_per_row'] / 2**20:.1f} MiB)")  # fmt: skip
+    if not d["present"]:
+        print("  (the estimate counts what JAX keeps; XLA can keep more: on the machine itself,"
+              " run this without --target for the compiled figure; docs/preflight.md)")  # fmt: skip
     print(f"  {'FLOPs per step':<20} {r['flops_per_step'] / 1e12:.4g} TFLOP ({r['syn_passes']} "
           "forwards per synthetic row, 1 per real image unless cached)")  # fmt: skip
     if r["peak_tflops"] is not None:
