@@ -21,7 +21,8 @@ the benchmark's JSON gives `flops_per_step` so either can be derived.
 Memory: `device_peak_memory` is `device.memory_stats()["peak_bytes_in_use"]` where the backend
 has it (GPU, TPU: the process-wide peak, so one run per process); `compiled_memory` is the
 compiled executable's `memory_analysis()`, with total = argument + output - aliased (donated) +
-temp bytes.
+temp bytes; `memory_estimate` counts the bytes a step needs per device from its shapes alone
+(for a machine it can only be lowered for: `python -m lgm_jax.preflight --target`).
 
 Lowering: the step is traced and lowered for "cuda", "rocm" or "tpu" on any machine (shapes
 only: the full ViT-B/14 step lowers in seconds on a laptop). `census` lists the custom calls
