@@ -1,5 +1,5 @@
 """Oxford Flowers-102: the miniature writer, and (opt-in) the miniature prepared offline by tfds'
-own builder and read back as lgm_jax's `flowers` dataset.
+own builder, read back as lgm_jax's `flowers` dataset, distilled from and evaluated on.
 
 The opt-in test needs a tfds data_dir holding the prepared miniature (docs/data.md):
     python -m lgm_jax.flowers_miniature --out /tmp/fl_manual
@@ -8,6 +8,8 @@ The opt-in test needs a tfds data_dir holding the prepared miniature (docs/data.
 """
 
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -89,3 +91,16 @@ def test_prepared_flowers_counts_and_labels():
     images, labels = data.load_split_arrays(ds, "test", crop=16, resize=16)  # the eval pipeline
     assert images.shape == (len(test), 16, 16, 3)
     assert [imagenet_miniature.decode_class(im) for im in images] == labels.tolist()
+
+
+@needs_prepared
+def test_prepared_flowers_smoke_distil_and_evaluate(tmp_path):
+    work, root = str(tmp_path / "run"), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's machine has
+    run = [sys.executable, "-m", "lgm_jax.main", "--config=configs/flowers.py:smoke"]
+    run += [f"--workdir={work}", f"--config.data_dir={PREPARED}", "--config.steps=1"]
+    subprocess.run([*run, "--config.eval.at_end=false"], check=True, cwd=root, env=env)
+    evaluate = [sys.executable, "-m", "lgm_jax.evaluate", "--distilled", work, "--seeds", "1"]
+    evaluate += ["--backbone", "dinov2_tiny", "--epochs", "1", "--data-dir", PREPARED]
+    subprocess.run(evaluate, check=True, cwd=root, env=env)
+    assert os.path.exists(os.path.join(work, "eval", "dinov2_tiny", "eval.json"))
