@@ -10,7 +10,7 @@ the reference takes 0.95 s per ImageNet-100 step on an H200, 80 minutes in all);
 Smallest machines it fits, by `python -m lgm_jax.preflight --config=configs/in100.py --target T`
 (an estimate from shapes with a 10% margin, and a lower bound: docs/preflight.md): one 24 GB
 GPU (RTX 4090: 10.8 GiB a device, ~2.8 s a step at 40% of peak) or one TPU v5e chip (16 GiB);
-an H100 or H200 runs it in about 40-50 minutes at that rate. Not yet measured on a device.
+an H100 or H200 runs it in about 40 minutes at that rate. Not yet measured on a device.
 Append `:smoke` to the config path (configs/in100.py:smoke) for a 3-step run with a tiny random
 backbone that checks the data and the plumbing on a CPU.
 """

@@ -42,9 +42,8 @@ import re
 # Peak dense TFLOP/s by device kind substring (as in jax.Device.device_kind) and dtype, and the
 # memory of one device as JAX sees it; the kinds `python -m lgm_jax.preflight --target` sizes for.
 # Sources: the vendors' spec sheets (dense rates, i.e. without the 2:4 sparsity that the headline
-# figures assume). NVIDIA H100 SXM datasheet: bf16 989, TF32 494, 80 GB. H200: SPEC's "about
-# 790" for bf16 (the datasheet gives H100 SXM's 989 at the SXM part's top clock; 790 keeps the
-# benchmark's fractions of peak comparable), 141 GB of which JAX sees ~140 GiB. A100 80 GB SXM
+# figures assume). NVIDIA H100 SXM datasheet: bf16 989, TF32 494, 80 GB. H200 SXM datasheet: the
+# same rates (the H100's compute with more and faster memory), 141 GB of which JAX sees ~140 GiB. A100 80 GB SXM
 # datasheet: bf16 312, TF32 156. RTX 4090 (NVIDIA Ada whitepaper): bf16 with float32
 # accumulation (what XLA emits) 165.2, TF32 82.6, 24 GB. Google Cloud TPU system architecture
 # pages, per chip: v4 275 bf16, 32 GiB HBM; v5e 197 bf16, 16 GiB; v5p 459 bf16, 95 GiB.
@@ -52,8 +51,8 @@ import re
 # default; no float32 row for TPUs (their float32 matmuls run as several bf16 passes).
 # "TPU v5 lite" (v5e) comes before "TPU v5" (v5p): the first substring that matches wins.
 PEAK_TFLOPS = {
-    ("H200", "bfloat16"): 790.0,
-    ("H200", "float32"): 395.0,
+    ("H200", "bfloat16"): 989.0,
+    ("H200", "float32"): 494.0,
     ("H100", "bfloat16"): 989.0,
     ("H100", "float32"): 494.0,
     ("A100", "bfloat16"): 312.0,

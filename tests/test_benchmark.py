@@ -37,7 +37,7 @@ def test_vit_flops_by_hand():
 
 
 def test_peak_table():
-    assert step_cost.peak_tflops("NVIDIA H200", "bfloat16") == 790.0
+    assert step_cost.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
     assert step_cost.peak_tflops("cpu", "float32") is None
 
 
