@@ -25,7 +25,7 @@ import tarfile
 import numpy as np
 
 from lgm_jax import errors
-from lgm_jax.imagenet_miniature import _add, _jpeg
+from lgm_jax.imagenet_miniature import add_file, jpeg
 
 NUM_CLASSES = 102
 FILES = ("102flowers.tgz", "imagelabels.mat", "setid.mat")
@@ -50,7 +50,7 @@ def labels(count: int) -> np.ndarray:
 def write_images(path: str, count: int) -> None:
     with tarfile.open(path, "w:gz") as tar:
         for k in range(1, count + 1):
-            _add(tar, f"jpg/image_{k:05d}.jpg", _jpeg((k - 1) % NUM_CLASSES))
+            add_file(tar, f"jpg/image_{k:05d}.jpg", jpeg((k - 1) % NUM_CLASSES))
 
 
 def write(out: str, per_class: int = 2) -> None:

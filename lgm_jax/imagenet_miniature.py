@@ -58,7 +58,7 @@ def decode_class(image) -> int:
     return int(digits[0] + 10 * digits[1] + 100 * digits[2])
 
 
-def _jpeg(c: int) -> bytes:
+def jpeg(c: int) -> bytes:
     from PIL import Image
 
     image = np.broadcast_to(np.asarray(class_colour(c), np.uint8), (SIDE, SIDE, 3))
@@ -67,7 +67,7 @@ def _jpeg(c: int) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -79,8 +79,8 @@ def write_train(path: str, per_class: int, classes: list[str]) -> None:
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as inner:
                 for k in range(per_class):
-                    _add(inner, f"{synset}_{k}.JPEG", _jpeg(c))
-            _add(outer, f"{synset}.tar", buf.getvalue())
+                    add_file(inner, f"{synset}_{k}.JPEG", jpeg(c))
+            add_file(outer, f"{synset}.tar", buf.getvalue())
 
 
 def write_val(path: str, count: int, classes: list[str]) -> None:
@@ -88,7 +88,7 @@ def write_val(path: str, count: int, classes: list[str]) -> None:
     labels = validation_labels()
     with tarfile.open(path, "w") as tar:
         for i in range(count):
-            _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(index[labels[i]]))
+            add_file(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(index[labels[i]]))
 
 
 def write(out: str, per_class: int = 2, val: int = 300, num_classes: int = 1000) -> None:

@@ -49,6 +49,7 @@ COMMANDS = [
     "imagenet_miniature",
     "analysis",
     "preflight",
+    "flowers_miniature",
 ]
 
 
