@@ -16,7 +16,8 @@ Layout of a cache directory:
   labels_{s:06d}.npy    int32 [S] labels of shard s (-1 for a corrupt image, never sampled)
   feats_{s:06d}.npy     float16/32 [M, S, F] features of shard s (images s*S .. s*S + S - 1)
 Shards are written atomically, feats last, so a restarted build skips finished shards. Shard s is
-built by process s % process_count; within a process the batch is split over the local devices on
+built by process s % process_count (several hosts: `--distributed`, the same command on each,
+with --out on storage they share); within a process the batch is split over the local devices on
 a 1-D ('data',) mesh.
 
 Draws: view v of image i uses the crop offsets of np.random.default_rng([seed, v, i]) and the
@@ -427,11 +428,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-mean", type=errors.finite, default=0.0)
     p.add_argument("--noise-std", type=errors.non_negative, default=0.2)
     p.add_argument("--threads", type=errors.count, default=8, help="image decoding threads")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="several hosts: jax.distributed.initialize() first, then each builds its shards",
+    )
     return p
 
 
 def _run(a: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
+    if a.distributed:  # the coordinator from the cluster's environment, as the run's
+        jax.distributed.initialize()
     config = settings(
         syn_res=a.syn_res, input_res=a.input_res, noise_mean=a.noise_mean, noise_std=a.noise_std
     )
