@@ -409,11 +409,15 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
     """Flags that set a config key (none given: the config's value stands)."""
     p.add_argument("--config", help="configs/X.py[:arg] to start from (default: config_base)")
     p.add_argument("--backbone", help="a registry name (default dinov2_vitb); dinov2_tiny: 28 px")
-    p.add_argument("--classes", type=int, help="default: the config's num_classes, or 10")
-    p.add_argument("--ipc", type=int)
-    p.add_argument("--aug-rounds", type=int, help="K, augmented copies per image (default 10)")
+    p.add_argument("--classes", type=errors.count, help="default: the config's num_classes, or 10")
+    p.add_argument("--ipc", type=errors.count)
+    p.add_argument(
+        "--aug-rounds", type=errors.count, help="K, augmented copies per image (default 10)"
+    )
     p.add_argument("--real-input", choices=("images", "features"))
-    p.add_argument("--chunk-size", type=int, help="rows per backbone call (0: the whole batch)")
+    p.add_argument(
+        "--chunk-size", type=errors.natural, help="rows per backbone call (0: the whole batch)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action=argparse.BooleanOptionalAction)
     p.add_argument(
@@ -422,16 +426,22 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
         help="with --remat: keep only block inputs, or also the q/k/v and MLP-hidden outputs",
     )
     p.add_argument("--attention", choices=("xla", "cudnn"))
-    p.add_argument("--syn-res", type=int, help="side of the synthetic images (default 256)")
-    p.add_argument("--input-res", type=int, help="side of the backbone's input (default 224)")
     p.add_argument(
-        "--real-res", type=int, help="side of the real images (default: the synthetic images')"
+        "--syn-res", type=errors.count, help="side of the synthetic images (default 256)"
+    )
+    p.add_argument(
+        "--input-res", type=errors.count, help="side of the backbone's input (default 224)"
+    )
+    p.add_argument(
+        "--real-res",
+        type=errors.count,
+        help="side of the real images (default: the synthetic images')",
     )
 
 
 def _mode_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=errors.count, default=10)
+    p.add_argument("--warmup", type=errors.natural, default=2)
     p.add_argument("--mesh", action="store_true", help="shard over all devices (data mesh)")
     p.add_argument("--json", help="write the result here")
     p.add_argument(
@@ -440,9 +450,9 @@ def _mode_flags(p: argparse.ArgumentParser) -> None:
         help="after the timed steps, trace --profile-steps more into DIR and report where the "
         "device time goes (by kind of op, by phase of the step, top ops)",
     )
-    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-steps", type=errors.count, default=2)
     p.add_argument("--memory-scaling", action="store_true")
-    p.add_argument("--scale", type=int, default=10, help="multiplier for --memory-scaling")
+    p.add_argument("--scale", type=errors.count, default=10, help="multiplier for --memory-scaling")
     p.add_argument("--sweep", action="store_true")
     p.add_argument(
         "--lower",
@@ -450,8 +460,8 @@ def _mode_flags(p: argparse.ArgumentParser) -> None:
         help="only trace and lower the step for this platform (no device needed) and list its "
         "custom calls, host calls and donated buffers",
     )
-    p.add_argument("--sweep-classes", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--sweep-chunks", type=int, nargs="+", default=[50, 100, 200])
+    p.add_argument("--sweep-classes", type=errors.count, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--sweep-chunks", type=errors.count, nargs="+", default=[50, 100, 200])
 
 
 def parse(argv=None) -> argparse.Namespace:

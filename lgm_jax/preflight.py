@@ -319,21 +319,20 @@ def parse(argv):
         help="the run's config, as main.py takes it; --config.KEY=VALUE overrides follow it",
     )
     p.add_argument("--target", help="size for this machine instead of the devices present")
-    p.add_argument("--devices", type=int, help="device count (default: the target's or all)")
-    p.add_argument("--utilisation", type=float, help="fraction of peak (default 0.4)")
-    p.add_argument("--margin", type=float, default=0.1, help="memory left free (default 0.1)")
+    p.add_argument(
+        "--devices", type=errors.count, help="device count (default: the target's or all)"
+    )
+    p.add_argument("--utilisation", type=errors.fraction, help="fraction of peak (default 0.4)")
+    p.add_argument(
+        "--margin", type=errors.probability, default=0.1, help="memory left free (default 0.1)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args, rest = p.parse_known_args(argv)
     rest = [f"--config={args.config}", *rest]
     if other := [a for a in rest if not a.startswith("--config")]:
         raise errors.InputError(f"unexpected argument(s): {' '.join(other)}")
-    for name, v, ok in (
-        ("--devices", args.devices, args.devices is None or args.devices >= 1),
-        ("--utilisation", args.utilisation, args.utilisation is None or 0 < args.utilisation <= 1),
-        ("--margin", args.margin, 0 <= args.margin < 1),
-    ):
-        if not ok:
-            raise errors.InputError(f"{name} {v}: out of range")
+    if args.margin >= 1:  # the flag types check the rest
+        raise errors.InputError(f"--margin {args.margin}: must be below 1 (a share kept free)")
     return args, rest
 
 
