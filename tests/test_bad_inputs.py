@@ -111,6 +111,14 @@ def _cases(f):
             "--k: '0'",
         ),
         ("report", ["--no-such-flag", str(root)], "unrecognized arguments: --no-such-flag"),
+        ("benchmark", ["--classes", "0"], "--classes: '0'"),
+        ("preflight", ["--config=configs/demo.py", "--utilisation", "2"], "--utilisation: '2'"),
+        ("preflight", ["--config=configs/demo.py", "--target", "h900"], "h900"),
+        (
+            "convert",
+            ["--source", str(root), "--out", str(root / "c"), "--input-res", "0"],
+            "--input-res",
+        ),
     ]
 
 
