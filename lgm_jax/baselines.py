@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lgm_jax import config_base, distilled, evaluate, probe
+from lgm_jax import config_base, distilled, errors, evaluate, probe
 from lgm_jax.errors import InputError, command_parser, run_command
 from lgm_jax.preprocess import centre_crop, normalize, to_unit
 
@@ -315,23 +315,23 @@ def _parser() -> argparse.ArgumentParser:
         )
         c.add_argument("--weights", default=None, help="converted backbone weights (a directory)")
         c.add_argument("--data-dir", default=None, help="dataset directory, if not the default")
-        c.add_argument("--batch-size", type=int, default=256, help="embedding batch")
+        c.add_argument("--batch-size", type=errors.count, default=256, help="embedding batch")
         c.add_argument("--seed", type=int, default=0)
     for name in ("random", "centroids", "neighbors"):
         default = "that of the distilled images" if name == "neighbors" else distilled.SYN_RES
         cmds[name].add_argument(
             "--syn-res", type=int, default=None, help=f"side of the saved images ({default})"
         )
-    cmds["random"].add_argument("--seeds", type=int, default=5)
+    cmds["random"].add_argument("--seeds", type=errors.count, default=5)
     cmds["neighbors"].add_argument("--distilled", required=True)
     for name in ("centroids", "neighbors"):
         cmds[name].add_argument(
             "--evaluate", action="store_true", help="then run the probe protocol on --backbone"
         )
-    cmds["full"].add_argument("--seeds", type=int, default=1)
-    cmds["full"].add_argument("--epochs", type=int, default=100)
-    cmds["full"].add_argument("--batch", type=int, default=128)
-    cmds["full"].add_argument("--lr", type=float, default=5e-4)
+    cmds["full"].add_argument("--seeds", type=errors.count, default=1)
+    cmds["full"].add_argument("--epochs", type=errors.count, default=100)
+    cmds["full"].add_argument("--batch", type=errors.count, default=128)
+    cmds["full"].add_argument("--lr", type=errors.positive, default=5e-4)
     cmds["full"].add_argument(
         "--workers", type=int, default=8, help="threads reading and decoding train batches"
     )

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from lgm_jax import config_base, distilled, groups, probe
+from lgm_jax import config_base, distilled, errors, groups, probe
 from lgm_jax.errors import InputError, command_parser, run_command
 
 
@@ -381,12 +381,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset name (default: recorded by the run)")
     p.add_argument("--weights", default=None, help="converted backbone weights (a directory)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the run's)")
-    p.add_argument("--seeds", type=int, default=5, help="probes trained, one per seed")
+    p.add_argument("--seeds", type=errors.count, default=5, help="probes trained, one per seed")
     p.add_argument("--seed", type=int, default=0, help="base random seed")
-    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--epochs", type=errors.count, default=1000)
     p.add_argument("--mode", choices=("exact", "fast"), default="exact")
-    p.add_argument("--views", type=int, default=100, help="augmented views per image (fast mode)")
-    p.add_argument("--test-batch", type=int, default=256)
+    p.add_argument(
+        "--views", type=errors.count, default=100, help="augmented views per image (fast mode)"
+    )
+    p.add_argument("--test-batch", type=errors.count, default=256)
     p.add_argument(
         "--devices",
         type=int,
