@@ -112,6 +112,16 @@ def _cases(f):
         ),
         ("report", ["--no-such-flag", str(root)], "unrecognized arguments: --no-such-flag"),
         ("benchmark", ["--classes", "0"], "--classes: '0'"),
+        (
+            "baselines",
+            ["random", "--dataset", "mnist_demo", "--backbone", "dinov2_tiny", "--seeds", "0"],
+            "--seeds: '0'",
+        ),
+        (
+            "baselines",
+            ["full", "--dataset", "mnist_demo", "--backbone", "dinov2_tiny", "--lr", "-1"],
+            "--lr: '-1'",
+        ),
         ("preflight", ["--config=configs/demo.py", "--utilisation", "2"], "--utilisation: '2'"),
         ("preflight", ["--config=configs/demo.py", "--target", "h900"], "h900"),
         (
