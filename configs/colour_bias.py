@@ -8,26 +8,12 @@ weights at 28 px, one 32 px image per class, 2001 updates) on `mnist_colour_demo
 drawn in one of 10 colours, its class's colour for 95% of the train digits and a uniformly
 random colour in test. The evaluation at the end reports top-1 plus per-group accuracy over the
 100 (digit, colour) groups, the worst and average group, and the pooled "colour = class
-colour" / "other colour" accuracies (eval.json). Measured numbers and the baselines: docs/bias.md.
+colour" / "other colour" accuracies (eval.json). Measured numbers and the baselines:
+docs/analysis.md.
 """
 
-from lgm_jax import assets
-from lgm_jax.config_base import base
+from lgm_jax.config_base import demo
 
 
 def get_config():
-    c = base()  # configs/demo.py's settings but the dataset
-    c.dataset = "mnist_colour_demo"
-    c.num_classes = 10
-    c.backbone = "dinov2_tiny"
-    c.weights = assets.path("demo_vit")
-    c.input_res = 28
-    c.dtype = "float32"
-    c.syn_res = 32
-    c.steps = 2000
-    c.seed = 0
-    c.log_every = 100
-    c.image_every = 500
-    c.checkpoint_every = 500
-    c.eval.at_end = True
-    return c
+    return demo("mnist_colour_demo")  # configs/demo.py's settings but the dataset

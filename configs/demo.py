@@ -12,23 +12,8 @@ workdirs/demo/eval/dinov2_tiny/eval.json with about 53% top-1 (one random real d
 about 44%; see docs/demo.md). `--config.weights=''` uses random weights instead (near chance).
 """
 
-from lgm_jax import assets
-from lgm_jax.config_base import base
+from lgm_jax.config_base import demo
 
 
 def get_config():
-    c = base()
-    c.dataset = "mnist_demo"
-    c.num_classes = 10
-    c.backbone = "dinov2_tiny"
-    c.weights = assets.path("demo_vit")
-    c.input_res = 28
-    c.dtype = "float32"
-    c.syn_res = 32
-    c.steps = 2000
-    c.seed = 0
-    c.log_every = 100
-    c.image_every = 500
-    c.checkpoint_every = 500
-    c.eval.at_end = True
-    return c
+    return demo("mnist_demo")

@@ -1,9 +1,10 @@
 """Every setting of a distillation run, with its default and meaning, and the one translation of
 a config into the static settings the code takes (backbone, augmentation, step).
 
-configs/*.py start from `base()`; `smoke(c)` shrinks any of them to a few CPU steps. The run, the
-benchmark, the feature cache and the golden check all read a config through `augment_config`,
-`step_config` and `build_backbone` below, so a key means the same thing everywhere.
+configs/*.py start from `base()` (the demos from `demo()`); `smoke(c)` shrinks any of them to a
+few CPU steps. The run, the benchmark, the feature cache and the golden check all read a config
+through `augment_config`, `step_config` and `build_backbone` below, so a key means the same
+thing everywhere.
 
 Two resolutions, each with one name: `syn_res` is the side of the synthetic images (and of the
 real images they are matched against, before augmentation); `input_res` is the side of the
@@ -127,6 +128,29 @@ SECTIONS = (
     _profile,
     _bookkeeping,
 )
+
+
+def demo(dataset: str = "mnist_demo") -> ml_collections.ConfigDict:
+    """The bundled demo (configs/demo.py, configs/colour_bias.py): `dataset`, a bundled-digit
+    set of 10 classes, distilled with the bundled self-supervised dinov2_tiny at 28 px into one
+    32 px image per class, 2001 updates, evaluated at the end."""
+    from lgm_jax import assets
+
+    c = base()
+    c.dataset = dataset
+    c.num_classes = 10
+    c.backbone = "dinov2_tiny"
+    c.weights = assets.path("demo_vit")
+    c.input_res = 28
+    c.dtype = "float32"
+    c.syn_res = 32
+    c.steps = 2000
+    c.seed = 0
+    c.log_every = 100
+    c.image_every = 500
+    c.checkpoint_every = 500
+    c.eval.at_end = True
+    return c
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
