@@ -43,8 +43,8 @@ import re
 # memory of one device as JAX sees it; the kinds `python -m lgm_jax.preflight --target` sizes for.
 # Sources: the vendors' spec sheets (dense rates, i.e. without the 2:4 sparsity that the headline
 # figures assume). NVIDIA H100 SXM datasheet: bf16 989, TF32 494, 80 GB. H200 SXM datasheet: the
-# same rates (the H100's compute with more and faster memory), 141 GB of which JAX sees ~140 GiB. A100 80 GB SXM
-# datasheet: bf16 312, TF32 156. RTX 4090 (NVIDIA Ada whitepaper): bf16 with float32
+# same rates (the H100's compute with more and faster memory), 141 GB of which JAX sees ~140 GiB.
+# A100 80 GB SXM datasheet: bf16 312, TF32 156. RTX 4090 (NVIDIA Ada whitepaper): bf16 with float32
 # accumulation (what XLA emits) 165.2, TF32 82.6, 24 GB. Google Cloud TPU system architecture
 # pages, per chip: v4 275 bf16, 32 GiB HBM; v5e 197 bf16, 16 GiB; v5p 459 bf16, 95 GiB.
 # float32 is the TF32 tensor-core rate on NVIDIA GPUs, which XLA uses for float32 matmuls by
