@@ -126,7 +126,8 @@ def save(mngr, state: lgm.State, meta: dict) -> None:
                 raise
             message = _write_failed(mngr, step, cause)
             # Its writer threads may go on failing until the process exits: untold from now on.
-            logging.getLogger("absl").addFilter(_StorageLogFilter())
+            for name in _STORAGE_LOGGERS:
+                logging.getLogger(name).addFilter(_StorageLogFilter())
             _close_quietly(mngr)
             raise CheckpointWriteFailed(message) from e
 
@@ -148,9 +149,15 @@ def _write(mngr, step: int, state: lgm.State, meta: dict) -> None:
     mngr.wait_until_finished()
 
 
+# Where the storage layer's errors are logged: orbax through absl, its event loops' unretrieved
+# futures through asyncio (which lgm_jax itself does not use).
+_STORAGE_LOGGERS = ("absl", "asyncio")
+
+
 class _StorageLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+        storage = record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname
+        return record.levelno < logging.ERROR or not storage
 
 
 @contextlib.contextmanager
@@ -158,16 +165,22 @@ def _storage_errors_untold():
     """While a checkpoint is written, the storage layer's own error logs (one traceback per
     background thread when the disk is full) are not printed: the failure is reported once,
     as one line, by `save`, and a write that succeeds logs no errors."""
-    absl_log, quiet = logging.getLogger("absl"), _StorageLogFilter()
-    absl_log.addFilter(quiet)
+    quiet = _StorageLogFilter()
+    for name in _STORAGE_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         yield
     finally:
-        absl_log.removeFilter(quiet)
+        for name in _STORAGE_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 class CheckpointWriteFailed(InputError):
-    """A checkpoint could not be written (a full disk, no permission, storage gone)."""
+    """A checkpoint could not be written (a full disk, no permission, storage gone). The
+    storage layer's writer threads may still be failing: the command ends at once after its
+    one line (the run's own files are closed by then)."""
+
+    leave_at_once = True
 
 
 def _os_error(e: BaseException) -> BaseException | None:

@@ -18,7 +18,11 @@ from collections.abc import Callable
 
 
 class InputError(ValueError):
-    """Input that lgm_jax cannot use; the message says what is wrong and the fix."""
+    """Input that lgm_jax cannot use; the message says what is wrong and the fix. A subclass
+    with `leave_at_once = True` ends the command right after its line (os._exit), for failures
+    whose background threads would otherwise print at exit."""
+
+    leave_at_once = False
 
 
 def report(e: BaseException) -> int:
@@ -33,7 +37,14 @@ def run_command(main: Callable[[], int | None]) -> int:
     try:
         status = main()
     except (InputError, FileNotFoundError) as e:
-        return report(e)
+        status = report(e)
+        if getattr(e, "leave_at_once", False):
+            # What failed (e.g. storage) still has threads that would print their own failures
+            # while the interpreter shuts down: the one line above says it all.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
     return status if isinstance(status, int) else 0
 
 

@@ -53,5 +53,8 @@ def test_pretrain_rejects_float_images():
 
 
 def test_bad_settings_are_input_errors(tmp_path, capsys):
-    assert pretrain_tool.main(["--out", str(tmp_path), "--steps", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: --steps")
+    with pytest.raises(SystemExit) as e:  # refused by the flag's type, before anything runs
+        pretrain_tool.main(["--out", str(tmp_path), "--steps", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: python -m lgm_jax.pretrain_demo: argument")
