@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -128,6 +129,7 @@ def save(mngr, state: lgm.State, meta: dict) -> None:
             # Its writer threads may go on failing until the process exits: untold from now on.
             for name in _STORAGE_LOGGERS:
                 logging.getLogger(name).addFilter(_StorageLogFilter())
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
             _close_quietly(mngr)
             raise CheckpointWriteFailed(message) from e
 

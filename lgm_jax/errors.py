@@ -26,8 +26,15 @@ class InputError(ValueError):
 
 
 def report(e: BaseException) -> int:
-    """Print `error: <message>` on one line to stderr; the exit status for an input error (2)."""
+    """Print `error: <message>` on one line to stderr; the exit status for an input error (2).
+    An error with `leave_at_once` ends the process here, with that status."""
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    if getattr(e, "leave_at_once", False):
+        # What failed (e.g. storage) still has threads that would print their own failures
+        # while the interpreter shuts down: the one line above says it all.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     return 2
 
 
@@ -37,14 +44,7 @@ def run_command(main: Callable[[], int | None]) -> int:
     try:
         status = main()
     except (InputError, FileNotFoundError) as e:
-        status = report(e)
-        if getattr(e, "leave_at_once", False):
-            # What failed (e.g. storage) still has threads that would print their own failures
-            # while the interpreter shuts down: the one line above says it all.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-        return status
+        return report(e)
     return status if isinstance(status, int) else 0
 
 
