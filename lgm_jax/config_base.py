@@ -280,6 +280,8 @@ _RGB = lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_finite(x)
 # are opened: the dataset, the weights, the feature cache).
 RULES = {
     "num_classes": (_INT(0), "an integer >= 0 (0: any)"),
+    # input_res may exceed syn_res: the augmentation resizes its crop to input_res either way
+    # (the smoke configs and tiny tests upsample 4 or 32 px crops to a 28 px backbone).
     "input_res": (_INT(1), "an integer >= 1"),
     "dtype": (_ONE_OF("float32", "bfloat16"), "'float32' or 'bfloat16'"),
     "remat": (_BOOL, "true or false"),
