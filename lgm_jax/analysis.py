@@ -281,11 +281,7 @@ def alignment(
 def _read_json(path: str, what: str, keys: Sequence[str]) -> dict:
     if not os.path.isfile(path):
         raise InputError(f"{what} file {path} not found: {_MAKERS[what]}")
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not a JSON {what} file ({e})") from e
+    obj = errors.read_json(path, f"a JSON {what} file", _MAKERS[what])
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise InputError(f"{path} is not a {what} file (no {', '.join(missing)}): {_MAKERS[what]}")

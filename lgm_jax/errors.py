@@ -60,7 +60,7 @@ def read_json(path: str, what: str = "a JSON file", fix: str = ""):
         raise
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(
-            f"{path} is not readable as {what} ({type(e).__name__}: {e}){'; ' + fix if fix else ''}"
+            f"{path} is not {what} ({type(e).__name__}: {e}){'; ' + fix if fix else ''}"
         ) from e
 
 

@@ -309,8 +309,7 @@ def grid(
             sub = os.path.join(d, "eval", eval_dirname(bb, kw.get("mode", "exact")))
             path = os.path.join(sub, "eval.json")
             if reuse and os.path.isfile(path):
-                with open(path) as f:
-                    res = json.load(f)
+                res = errors.read_json(path, "an eval.json", "delete it or pass --no-reuse")
             else:
                 res = evaluate(d, bb, out=sub, **kw)
             cells[(name, bb)] = res["top1"]
